@@ -1,0 +1,1 @@
+"""Data: local sources, tokenization, packing, the token cache and per-rank loaders."""

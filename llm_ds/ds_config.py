@@ -1,0 +1,170 @@
+"""DeepSpeed JSON templates merged with the run config.
+
+``ds_configs/*.json`` hold engine settings (ZeRO stage, offload, communication). The values
+that the run config owns may be ``"auto"`` there and are filled from it, as the Hugging Face
+Trainer does; an explicit value that disagrees with the run config or with the world size
+stops the run before training, naming both numbers. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from llm_ds.config import PACKAGE_DIR, ConfigError, RunConfig
+
+AUTO = "auto"
+DS_CONFIGS_DIR = PACKAGE_DIR.parent / "ds_configs"
+DEFAULT_DS_CONFIG = DS_CONFIGS_DIR / "zero1.json"
+RESOLVED_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def load_ds_template(path: str | Path | None) -> dict[str, Any]:
+    """Read a DeepSpeed JSON template; a missing or malformed file is a ConfigError naming it."""
+    path = Path(path) if path else DEFAULT_DS_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path}: no such file")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config {path}: invalid JSON at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path}: top level must be a JSON object")
+    return config
+
+
+def global_batch_size(cfg: RunConfig, world_size: int) -> int:
+    """Sequences per optimizer step across all ranks."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def uses_nvme(ds_config: dict[str, Any]) -> bool:
+    zero = ds_config.get("zero_optimization") or {}
+    return any((zero.get(k) or {}).get("device") == "nvme" for k in ("offload_param", "offload_optimizer"))
+
+
+def _fill(section: dict[str, Any], key: str, value: Any, where: str, owner: str) -> None:
+    """Set ``section[key]`` from the run config where it is auto or absent; refuse a contradiction."""
+    current = section.get(key, AUTO)
+    if current == AUTO:
+        section[key] = value
+    elif not _same(current, value):
+        raise ConfigError(
+            f"DeepSpeed config {where}: {key}={current!r} contradicts {owner}={value!r}; "
+            f'set it to "auto" or make the two agree'
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=False))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1.0)
+    return a == b
+
+
+def resolve_ds_config(
+    template: dict[str, Any],
+    cfg: RunConfig,
+    world_size: int,
+    precision: str,
+    total_steps: int | None,
+    source: str = "",
+) -> dict[str, Any]:
+    """Fill a template's ``"auto"`` values from the run config and check the explicit ones.
+
+    Args:
+        template: the parsed JSON (left untouched).
+        cfg: the run config, the source of truth for batch sizes, optimiser, schedule, precision.
+        world_size: total ranks.
+        precision: the resolved precision, one of fp32, bf16, fp16.
+        total_steps: optimizer steps of the whole run (``None`` before the data is known:
+            the schedule length is then left unchecked).
+        source: the template's file name, for messages.
+
+    Returns:
+        A new dict ready for ``deepspeed.initialize(config=...)``.
+    """
+    if precision not in RESOLVED_PRECISIONS:
+        raise ValueError(f"precision must be resolved to one of {RESOLVED_PRECISIONS}, got {precision!r}")
+    where = source or "template"
+    ds = copy.deepcopy(template)
+    t = cfg.train
+    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, where, "train.micro_batch_size")
+    _fill(ds, "gradient_accumulation_steps", t.grad_accum_steps, where, "train.grad_accum_steps")
+    batch = global_batch_size(cfg, world_size)
+    if ds.get("train_batch_size", AUTO) not in (AUTO, batch):
+        raise ConfigError(
+            f"DeepSpeed config {where}: train_batch_size={ds['train_batch_size']!r} but train.micro_batch_size "
+            f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x world size ({world_size}) "
+            f'= {batch}; set it to "auto" or change the run config'
+        )
+    ds["train_batch_size"] = batch
+    _fill(ds, "gradient_clipping", t.grad_clip, where, "train.grad_clip")
+
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    _fill(params, "lr", t.lr, f"{where} optimizer.params", "train.lr")
+    _fill(params, "betas", list(t.betas), f"{where} optimizer.params", "train.betas")
+    _fill(params, "eps", t.eps, f"{where} optimizer.params", "train.eps")
+    _fill(params, "weight_decay", t.weight_decay, f"{where} optimizer.params", "train.weight_decay")
+
+    scheduler = ds.get("scheduler")
+    if scheduler is not None:
+        sp = scheduler.setdefault("params", {})
+        sw = f"{where} scheduler.params"
+        _fill(sp, "warmup_min_lr", t.min_lr, sw, "train.min_lr")
+        _fill(sp, "warmup_max_lr", t.lr, sw, "train.lr")
+        _fill(sp, "warmup_num_steps", t.warmup_steps, sw, "train.warmup_steps")
+        if total_steps is not None:
+            _fill(sp, "total_num_steps", total_steps, sw, "the run's total steps")
+        elif sp.get("total_num_steps", AUTO) == AUTO:
+            sp["total_num_steps"] = AUTO
+
+    for name in ("bf16", "fp16"):
+        section = ds.setdefault(name, {})
+        _fill(section, "enabled", precision == name, f"{where} {name}", f"precision {precision}")
+
+    nvme_path = str(Path(t.nvme_path) if t.nvme_path else cfg.output_dir / "nvme")
+    zero = ds.get("zero_optimization") or {}
+    for key in ("offload_param", "offload_optimizer"):
+        offload = zero.get(key)
+        if offload and offload.get("device") == "nvme":
+            if offload.get("nvme_path", AUTO) == AUTO:
+                offload["nvme_path"] = nvme_path
+    return ds
+
+
+def find_auto(ds: Any, prefix: str = "") -> list[str]:
+    """Key paths still set to ``"auto"`` (a resolved config must have none)."""
+    if isinstance(ds, dict):
+        return [p for k, v in ds.items() for p in find_auto(v, f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if ds == AUTO else []
+
+
+def resolve_precision(requested: str, template: dict[str, Any], device: str, has_bf16: bool, has_fp16: bool) -> str:
+    """Choose fp32, bf16 or fp16.
+
+    An explicit ``train.precision`` wins; with ``auto``, an explicit ``bf16``/``fp16``
+    ``enabled: true`` in the template wins; otherwise the hardware decides: bf16 where the
+    accelerator has it, fp16 (dynamic loss scaling) where it has only that, and fp32 on CPU,
+    whose bf16 is emulated on most cores and slower than fp32.
+    """
+    if requested != AUTO:
+        return requested
+    for name in ("bf16", "fp16"):
+        if (template.get(name) or {}).get("enabled") is True:
+            return name
+    if device == "cpu":
+        return "fp32"
+    if has_bf16:
+        return "bf16"
+    return "fp16" if has_fp16 else "fp32"

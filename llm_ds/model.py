@@ -1,0 +1,141 @@
+"""GPT-2 from the run config: tokenizer, config, model, parameter groups and counts."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import zlib
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from llm_ds.config import ConfigError, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def build_tokenizer(name_or_path: str):
+    """``AutoTokenizer.from_pretrained`` for a local folder or a hub name, with a clear offline error."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as exc:
+        raise ConfigError(
+            f"data.tokenizer={name_or_path!r} could not be loaded ({str(exc).splitlines()[0]}); "
+            f"offline, point it at a local folder that holds tokenizer files"
+        ) from None
+
+
+def resolve_vocab_size(cfg: ModelConfig, tokenizer_size: int | None) -> int:
+    """The embedding rows: ``model.vocab_size`` or the tokenizer's size, rounded up to ``vocab_multiple_of``."""
+    if cfg.vocab_size is None and tokenizer_size is None:
+        raise ConfigError("model.vocab_size is null and no tokenizer was given to take it from")
+    if cfg.vocab_size is not None and tokenizer_size is not None and cfg.vocab_size < tokenizer_size:
+        raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tokenizer_size} tokens")
+    size = cfg.vocab_size if cfg.vocab_size is not None else tokenizer_size
+    m = cfg.vocab_multiple_of
+    return -(-size // m) * m
+
+
+def build_gpt2_config(cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = None) -> GPT2Config:
+    """A ``GPT2Config`` with SDPA attention; dropout everywhere set from ``model.dropout``."""
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        use_cache=False,
+        loss_type="ForCausalLM",
+        attn_implementation="sdpa",
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = None, seed: int = 0) -> torch.nn.Module:
+    """A causal LM: ``model.init_from`` (a local path or hub name) or a fresh GPT-2 from the config.
+
+    A fresh model's weights depend only on ``seed`` (see ``init_gpt2_weights``), the same on every rank.
+    """
+    if cfg.init_from:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.init_from, attn_implementation="sdpa")
+        except OSError as exc:
+            raise ConfigError(
+                f"model.init_from={cfg.init_from!r} could not be loaded ({str(exc).splitlines()[0]})"
+            ) from None
+        if model.get_input_embeddings().num_embeddings < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+    else:
+        model = GPT2LMHeadModel(build_gpt2_config(cfg, vocab_size, eos_token_id))
+        init_gpt2_weights(model, seed, cfg.n_layer)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def init_gpt2_weights(model: torch.nn.Module, seed: int, n_layer: int, std: float = 0.02) -> None:
+    """GPT-2's initialisation, drawn per parameter from a generator seeded by (seed, name).
+
+    Weights depend only on the seed and the parameter's name, not on construction order, so a
+    model built under ``deepspeed.zero.Init`` (ZeRO-3, partitioned as it is built) starts from
+    exactly the weights of a model built whole: every ZeRO stage and world size trains the same
+    model. Matrices ~ N(0, std), residual projections ~ N(0, std / sqrt(2 * n_layer)) (GPT-2
+    paper), biases 0, LayerNorm gains 1.
+    """
+    for name, param in model.named_parameters():
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
+        shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
+        if name.endswith("c_proj.weight"):
+            value = torch.randn(shape, generator=gen) * (std / math.sqrt(2 * n_layer))
+        elif len(shape) >= 2:
+            value = torch.randn(shape, generator=gen) * std
+        elif name.endswith(".bias"):
+            value = torch.zeros(shape)
+        else:  # LayerNorm gain
+            value = torch.ones(shape)
+        with _gathered(param):
+            if param.numel():  # under ZeRO-3 only the modifier rank holds the full tensor here
+                param.data.copy_(value.to(param.dtype))
+
+
+def _gathered(param: torch.nn.Parameter):
+    """Gather a ZeRO-3 partitioned parameter for rank 0 to modify and re-partition; no-op otherwise."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (the tied input/output embedding counted once), as the seed prints them.
+
+    Works on ZeRO-3 partitioned models too, whose local tensors are empty (``ds_numel`` is the full size).
+    """
+    return sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear and embedding weights), none on biases and LayerNorm gains.
+
+    Decided by the full shape, also for ZeRO-3 parameters, whose local tensors are flat partitions.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # ZeRO-3 partitions are 1-D
+            (decay if ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def flops_per_token(n_params: int, n_positions_params: int, n_layer: int, n_embd: int, block_size: int) -> int:
+    """Training FLOPs per token, 6N + 12·L·d·T (PaLM appendix B, as nanoGPT applies it).
+
+    ``N`` excludes the position embeddings; the tied token embedding counts, being the output layer too.
+    """
+    return 6 * (n_params - n_positions_params) + 12 * n_layer * n_embd * block_size

@@ -1,0 +1,150 @@
+"""Sinks for metric records. Only rank 0 builds any; a failing sink warns once and is dropped.
+
+A record is a flat dict: ``step`` plus tag -> number, tags like ``train/loss`` and ``eval/loss``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from llm_ds.config import LoggingConfig
+
+logger = logging.getLogger("llm_ds")
+
+
+def format_console_line(r: dict[str, Any], total_steps: int) -> str:
+    """The seed's line shape, extended: ``| epoch | step/total | lr | ms/step | tokens/s | loss``."""
+    width = len(str(total_steps))
+    return (
+        f"| epoch {r['train/epoch']:3d} | step {r['step']:{width}d}/{total_steps} | lr {r['train/lr']:.2e} "
+        f"| ms/step {r['perf/ms_per_step']:8.1f} | tokens/s {r['perf/tokens_per_s']:>9,.0f} "
+        f"| loss {r['train/loss']:.4f}"
+    )
+
+
+class Sink:
+    name = "sink"
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink(Sink):
+    """``metrics.jsonl``: one JSON object per record, flushed each time (readable while training)."""
+
+    name = "metrics.jsonl"
+
+    def __init__(self, path: Path):
+        self.file = open(path, "w", encoding="utf-8")
+
+    def write(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+class TensorBoardSink(Sink):
+    name = "tensorboard"
+
+    def __init__(self, log_dir: Path, texts: dict[str, str]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        for tag, text in texts.items():
+            self.writer.add_text(tag, f"```\n{text}\n```", 0)
+
+    def write(self, record):
+        step = record["step"]
+        for tag, value in record.items():
+            if tag != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(tag, value, step)
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbSink(Sink):
+    """Online where ``WANDB_API_KEY`` is set, offline otherwise (``wandb sync`` the run folder later)."""
+
+    name = "wandb"
+
+    def __init__(self, project: str, run_name: str, out_dir: Path, config: dict[str, Any]):
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        self.run = wandb.init(project=project, name=run_name, dir=str(out_dir), config=config, mode=mode)
+
+    def write(self, record):
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self):
+        self.run.finish()
+
+
+class Monitor:
+    """Fans records out to sinks; a sink that raises is reported once and dropped, never fatal."""
+
+    def __init__(self, sinks: list[Sink], total_steps: int):
+        self.sinks = sinks
+        self.total_steps = total_steps
+
+    def log_train(self, record: dict[str, Any]) -> None:
+        logger.info(format_console_line(record, self.total_steps))
+        self._write(record)
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        logger.info(
+            "| eval at step %d | loss %.4f | perplexity %.2f",
+            record["step"],
+            record["eval/loss"],
+            record["eval/perplexity"],
+        )
+        self._write(record)
+
+    def _write(self, record):
+        for sink in list(self.sinks):
+            try:
+                sink.write(record)
+            except Exception as exc:  # a sink must never kill a training run
+                logger.warning("metrics sink %s failed and is switched off: %s", sink.name, exc)
+                self.sinks.remove(sink)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                logger.warning("metrics sink %s failed to close: %s", sink.name, exc)
+
+
+def build_monitor(
+    cfg: LoggingConfig,
+    out_dir: Path,
+    run_name: str,
+    total_steps: int,
+    is_rank_zero: bool,
+    texts: dict[str, str],
+    hparams: dict[str, Any],
+) -> Monitor:
+    """Rank 0 gets every configured sink; other ranks get a monitor that writes nowhere."""
+    if not is_rank_zero:
+        return Monitor([], total_steps)
+    sinks: list[Sink] = [JsonlSink(out_dir / "metrics.jsonl")]
+    factories = []
+    if cfg.tensorboard:
+        factories.append(("tensorboard", lambda: TensorBoardSink(out_dir / "tensorboard", texts)))
+    if cfg.wandb:
+        factories.append(("wandb", lambda: WandbSink(cfg.wandb_project, run_name, out_dir, hparams)))
+    for name, make in factories:
+        try:
+            sinks.append(make())
+        except Exception as exc:
+            logger.warning("metrics sink %s could not start and is switched off: %s", name, exc)
+    return Monitor(sinks, total_steps)

@@ -1,0 +1,208 @@
+"""Process setup and the assembly of one run: distributed init, seeds, data, model, engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llm_ds.config import RunConfig, dump_run_config
+from llm_ds.ds_config import resolve_ds_config, resolve_precision, zero_stage
+
+logger = logging.getLogger("llm_ds")
+
+
+def dist_env() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from the launcher's environment (1 process without one)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 prints our lines plainly; other ranks only warnings, tagged with their rank."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(message)s"))
+    for name in ("llm_ds", "llm_ds.data.cache"):
+        log = logging.getLogger(name)
+        log.handlers[:] = [handler] if name == "llm_ds" else []
+        log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        log.propagate = name != "llm_ds"
+    # DeepSpeed's own INFO lines repeat per rank; LLM_DS_DEEPSPEED_LOG=info brings them back.
+    logging.getLogger("DeepSpeed").setLevel(os.environ.get("LLM_DS_DEEPSPEED_LOG", "WARNING").upper())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the process group the launcher describes, or make a group of one for a plain ``python`` run."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+        )
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Run:
+    engine: Any
+    train_loader: Any
+    eval_loader: Any
+    total_steps: int
+    n_params: int
+    ds_config: dict[str, Any]
+    precision: str
+
+
+def compute_total_steps(cfg: RunConfig, n_train_blocks: int, world_size: int) -> int:
+    """``train.max_steps``, or ``train.epochs`` worth of optimizer steps over the packed train split."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    per_rank_batches = (n_train_blocks // world_size) // cfg.train.micro_batch_size
+    steps_per_epoch = per_rank_batches // cfg.train.grad_accum_steps
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"one epoch of {n_train_blocks} blocks is less than one global batch; "
+            f"lower train.micro_batch_size or train.grad_accum_steps"
+        )
+    return max(1, int(cfg.train.epochs * steps_per_epoch))
+
+
+def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Run:
+    """Tokenizer, data, model and DeepSpeed engine for this rank, after ``init_distributed``."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from llm_ds.data.loader import build_eval_loader, build_splits, build_train_loader
+    from llm_ds.model import build_model, build_tokenizer, count_parameters, param_groups, resolve_vocab_size
+
+    rank, local_rank, world_size = dist_env()
+    accel = get_accelerator()
+    is_cuda = accel.device_name() != "cpu"
+    seed_everything(cfg.train.seed)
+
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    splits = build_splits(cfg.data, tokenizer, cfg.train.seed, local_rank)
+    train_loader = build_train_loader(
+        splits.train,
+        cfg.train.micro_batch_size,
+        rank,
+        world_size,
+        cfg.train.seed,
+        cfg.data.num_workers,
+        pin_memory=is_cuda,
+    )
+    eval_loader = build_eval_loader(splits.val, cfg.train.micro_batch_size, rank, world_size, pin_memory=is_cuda)
+    total_steps = compute_total_steps(cfg, len(splits.train), world_size)
+
+    precision = resolve_precision(
+        cfg.train.precision, ds_template, accel.device_name(), accel.is_bf16_supported(), accel.is_fp16_supported()
+    )
+    ds_config = resolve_ds_config(ds_template, cfg, world_size, precision, total_steps, ds_source)
+    if rank == 0:
+        out = cfg.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_run_config(cfg))
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    logger.info(
+        "data: %s train blocks, %s validation blocks of %d tokens; %d steps of %d sequences",
+        f"{len(splits.train):,}",
+        f"{len(splits.val):,}",
+        cfg.data.block_size,
+        total_steps,
+        ds_config["train_batch_size"],
+    )
+
+    vocab_size = resolve_vocab_size(cfg.model, len(tokenizer))
+    # ZeRO-3 partitions the model as it is built, so no rank ever holds all of it.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
+        model = build_model(cfg.model, vocab_size, tokenizer.eos_token_id, seed=cfg.train.seed)
+    n_params = count_parameters(model)
+    logger.info(
+        "Model parameters: %s (%d layers, %d wide, %d heads, vocab %d); precision %s, ZeRO stage %d, %d rank(s) on %s",
+        f"{n_params:,}",
+        cfg.model.n_layer,
+        cfg.model.n_embd,
+        cfg.model.n_head,
+        vocab_size,
+        precision,
+        zero_stage(ds_config),
+        world_size,
+        accel.device_name(),
+    )
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config
+    )
+    return Run(engine, train_loader, eval_loader, total_steps, n_params, ds_config, precision)
+
+
+def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
+    """Train, then (rank 0) write ``summary.json`` and say where everything went."""
+    import deepspeed.comm as dist
+
+    from llm_ds.monitor import build_monitor
+    from llm_ds.trainer import Trainer, write_summary
+
+    rank, _, world_size = dist_env()
+    out = cfg.output_dir
+    texts = {"config/run": dump_run_config(cfg), "config/deepspeed": json.dumps(run.ds_config, indent=2)}
+    monitor = build_monitor(
+        cfg.logging,
+        out,
+        cfg.run_name,
+        run.total_steps,
+        rank == 0,
+        texts,
+        hparams={**cfg.to_dict(), "deepspeed": run.ds_config},
+    )
+    try:
+        summary = Trainer(
+            cfg, run.engine, run.train_loader, run.eval_loader, monitor, run.total_steps, world_size, run.n_params
+        ).fit()
+    finally:
+        monitor.close()
+    summary.update(precision=run.precision, zero_stage=zero_stage(run.ds_config), wall_s=time.time() - start_time)
+    if rank == 0:
+        write_summary(out / "summary.json", summary)
+        logger.info(
+            "done: %d steps, train loss %.4f -> %.4f, eval loss %.4f (perplexity %.2f)",
+            summary["steps"],
+            summary["first_train_loss"],
+            summary["final_train_loss"],
+            summary["final_eval_loss"],
+            summary["eval_perplexity"],
+        )
+        logger.info(
+            "summary: %s | checkpoints: %s | tensorboard: %s",
+            out / "summary.json",
+            cfg.checkpoint_dir,
+            out / "tensorboard",
+        )
+    dist.barrier()
+    return 0

@@ -1,0 +1,182 @@
+"""The training loop around a DeepSpeed engine: steps, periodic logging, evaluation, checkpoints.
+
+Host syncs (``.item()``, ``.tolist()``, collectives) happen only at log, eval and save points:
+between them the loss is accumulated on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed.comm as dist
+import torch
+
+from llm_ds.config import RunConfig
+from llm_ds.monitor import Monitor
+
+logger = logging.getLogger("llm_ds")
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    consumed: int = 0  # samples of this epoch already trained on by each rank
+    tokens_seen: int = 0  # global, all ranks
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch; the model shifts ``labels`` by one itself."""
+    return model(**batch).loss
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        engine,
+        train_loader,
+        eval_loader,
+        monitor: Monitor,
+        total_steps: int,
+        world_size: int,
+        n_params: int,
+    ):
+        self.cfg, self.engine, self.monitor = cfg, engine, monitor
+        self.train_loader, self.eval_loader = train_loader, eval_loader
+        self.total_steps, self.world_size, self.n_params = total_steps, world_size, n_params
+        self.state = TrainState()
+        self.device = engine.device
+        self.tokens_per_step = (
+            cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size * cfg.data.block_size
+        )
+        self.steps_per_epoch = len(train_loader) // cfg.train.grad_accum_steps
+        self._batches = self._iter_batches()
+
+    def _iter_batches(self):
+        """Micro-batches forever, epoch after epoch, each reshuffled from (seed, epoch)."""
+        sampler = self.train_loader.sampler
+        while True:
+            sampler.load_state_dict({"epoch": self.state.epoch, "consumed": self.state.consumed})
+            yield from self.train_loader
+            self.state.epoch += 1
+            self.state.consumed = 0
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        batch = next(self._batches)
+        self.state.consumed += batch["input_ids"].shape[0]
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss, on device."""
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.train.grad_accum_steps):
+            loss = forward_loss(self.engine, self._next_batch())
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += loss.detach().float()
+        self.state.step += 1
+        self.state.tokens_seen += self.tokens_per_step
+        return loss_sum / self.cfg.train.grad_accum_steps
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted mean loss over the validation split, all ranks together."""
+        self.engine.eval()
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)
+        limit = self.cfg.train.eval_max_batches
+        for i, batch in enumerate(self.eval_loader):
+            if limit is not None and i >= limit:
+                break
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            n_targets = batch["labels"][:, 1:].numel()
+            sums[0] += forward_loss(self.engine, batch).double() * n_targets
+            sums[1] += n_targets
+        dist.all_reduce(sums)
+        self.engine.train()
+        return (sums[0] / sums[1]).item()
+
+    def save_checkpoint(self) -> Path:
+        save_dir = self.cfg.checkpoint_dir
+        tag = f"global_step{self.state.step}"
+        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state={"llm_ds": asdict(self.state)})
+        logger.info("saved checkpoint %s", save_dir / tag)
+        return save_dir / tag
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        value = value.detach().clone().double()
+        dist.all_reduce(value)
+        return value.item() / self.world_size
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``total_steps``; evaluate and save on schedule and at the end; return the summary."""
+        cfg, t = self.cfg, self.cfg.train
+        log_every, ckpt_every = cfg.logging.log_interval, cfg.checkpoint.interval
+        self.engine.train()
+        fit_start = time.perf_counter()
+        interval_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        interval_steps, interval_start = 0, time.perf_counter()
+        train_time_s, timed_tokens = 0.0, 0
+        first_loss = last_loss = eval_loss = None
+        while self.state.step < self.total_steps:
+            interval_loss += self.train_step()
+            interval_steps += 1
+            step = self.state.step
+            if step == 1 or step % log_every == 0 or step == self.total_steps:
+                last_loss = self._global_mean(interval_loss / interval_steps)
+                elapsed = time.perf_counter() - interval_start
+                first_loss = last_loss if first_loss is None else first_loss
+                if step > 1:  # the first step carries one-off warm-up costs
+                    train_time_s += elapsed
+                    timed_tokens += interval_steps * self.tokens_per_step
+                self.monitor.log_train(
+                    {
+                        "step": step,
+                        "train/epoch": self.state.epoch + 1,
+                        "train/loss": last_loss,
+                        "train/lr": float(self.engine.get_lr()[0]),
+                        "train/tokens_seen": self.state.tokens_seen,
+                        "perf/ms_per_step": 1000 * elapsed / interval_steps,
+                        "perf/tokens_per_s": interval_steps * self.tokens_per_step / elapsed,
+                    }
+                )
+                interval_loss.zero_()
+                interval_steps, interval_start = 0, time.perf_counter()
+            pause_start = time.perf_counter()
+            if (t.eval_interval and step % t.eval_interval == 0) or step == self.total_steps:
+                eval_loss = self.evaluate()
+                self.monitor.log_eval(
+                    {"step": step, "eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50.0))}
+                )
+            if (ckpt_every and step % ckpt_every == 0) or (step == self.total_steps and cfg.checkpoint.save_final):
+                self.save_checkpoint()
+            # Evaluation and checkpoint time does not count as step time.
+            interval_start += time.perf_counter() - pause_start
+        return {
+            "steps": self.state.step,
+            "world_size": self.world_size,
+            "tokens_seen": self.state.tokens_seen,
+            "first_train_loss": first_loss,
+            "final_train_loss": last_loss,
+            "final_eval_loss": eval_loss,
+            "eval_perplexity": math.exp(min(eval_loss, 50.0)) if eval_loss is not None else None,
+            "tokens_per_s": timed_tokens / train_time_s if train_time_s > 0 else None,
+            "train_time_s": train_time_s,
+            "fit_wall_s": time.perf_counter() - fit_start,
+            "parameters": self.n_params,
+            "global_batch_size": self.tokens_per_step // cfg.data.block_size,
+            "block_size": cfg.data.block_size,
+            "epochs": self.state.epoch + self.state.consumed / max(1, len(self.train_loader.sampler)),
+        }
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    path.write_text(json.dumps(summary, indent=2) + "\n")
