@@ -227,6 +227,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 3e-4 (no dot) as a string; accept what Python reads as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, Path):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

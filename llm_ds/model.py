@@ -51,7 +51,6 @@ def build_gpt2_config(cfg: ModelConfig, vocab_size: int, eos_token_id: int | Non
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,
         use_cache=False,
-        loss_type="ForCausalLM",
         attn_implementation="sdpa",
     )
 
@@ -73,6 +72,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = No
     else:
         model = GPT2LMHeadModel(build_gpt2_config(cfg, vocab_size, eos_token_id))
         init_gpt2_weights(model, seed, cfg.n_layer)
+    # GPT2LMHeadModel's class name does not tell transformers which loss it uses: say it.
+    model.loss_type = "ForCausalLM"
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable()
     return model

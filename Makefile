@@ -1,0 +1,70 @@
+# llm-ds: every target runs in .venv, which `make install` creates.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+CONFIG ?= llm_ds/configs/tiny.yaml
+DS_CONFIG ?= ds_configs/zero2.json
+ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: install sysdeps test test-unit lint format train smoke clean
+
+install: $(STAMP)
+
+# A torch that is already installed is kept (a CUDA machine's own build); otherwise $(TORCH),
+# the CPU build by default, goes in before anything can pull a CUDA build as a dependency.
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		echo "installing $(TORCH)"; $(PY) -m pip install -q "$(TORCH)"; \
+	fi
+	@$(PY) -m pip install -q -e ".[dev]"
+	@$(MAKE) --no-print-directory sysdeps
+	@touch $@
+
+# libaio for NVMe offload (DeepSpeed's async_io op), from apt where we are root.
+sysdeps:
+	@if [ -f /usr/include/libaio.h ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing libaio-dev (NVMe offload)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev >/dev/null; \
+	else \
+		echo "warning: libaio-dev is missing; NVMe offload (zero3_offload.json) will not work until it is installed"; \
+	fi
+
+test: install
+	$(PY) -m pytest -q
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# Every local GPU where there are GPUs, else 2 CPU ranks.
+RANKS_ARG = $(shell $(PY) -c "import torch; print('' if torch.cuda.device_count() else '--num_gpus 2')" 2>/dev/null)
+
+train: install
+	$(VENV)/bin/deepspeed $(RANKS_ARG) llm_ds/train.py --config $(CONFIG) --ds_config $(DS_CONFIG) $(ARGS)
+
+# About a minute: 2 ranks, ZeRO-2, 40 steps, loss must fall and summary.json appear.
+smoke: install
+	$(VENV)/bin/deepspeed $(RANKS_ARG) llm_ds/train.py --config $(CONFIG) --ds_config ds_configs/zero2.json \
+		--set train.max_steps=40 --set train.eval_interval=0 --set checkpoint.interval=0 \
+		--set train.run_name=smoke $(ARGS)
+	$(PY) -c "import json,sys; s=json.load(open('runs/smoke/summary.json')); \
+		print('smoke: loss %.3f -> %.3f' % (s['first_train_loss'], s['final_eval_loss'])); \
+		sys.exit(0 if s['final_eval_loss'] < s['first_train_loss'] - 0.5 else 1)"
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,111 @@
+"""The ``llm-ds`` command: ``llm-ds <subcommand> ...``.
+
+Each subcommand is a ``<name>_command_parser(subparsers)`` that registers its arguments and a
+``<name>_command(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from llm_ds.config import ConfigError, dump_run_config, load_run_config
+from llm_ds.ds_config import find_auto, load_ds_template, resolve_ds_config, resolve_precision
+
+
+def train_command_parser(subparsers) -> None:
+    from llm_ds.train import train_parser
+
+    parser = subparsers.add_parser(
+        "train",
+        help="train in this process (use `deepspeed ... llm_ds/train.py` for ranks)",
+        description="Train with the run config and DeepSpeed config given.",
+    )
+    train_parser(parser)
+    parser.set_defaults(func=train_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from llm_ds.train import main as train_main
+
+    argv = []
+    if args.config:
+        argv += ["--config", args.config]
+    if args.ds_config or args.deepspeed_config:
+        argv += ["--ds_config", args.ds_config or args.deepspeed_config]
+    for override in args.overrides:
+        argv += ["--set", override]
+    return train_main(argv)
+
+
+def config_command_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "config",
+        help="validate and print the resolved run config and DeepSpeed config",
+        description="Check a run config and a DeepSpeed template together, as the driver will, and print both "
+        "resolved. Nothing is trained; torch is not imported.",
+    )
+    parser.add_argument("--config", help="run config YAML (default: the bundled tiny.yaml)")
+    parser.add_argument("--ds_config", help="DeepSpeed JSON template (default: ds_configs/zero1.json)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument(
+        "--world_size",
+        type=int,
+        default=int(os.environ.get("WORLD_SIZE", 1)),
+        help="total ranks the run will have (default 1)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="what train.precision=auto resolves to on the target hardware (default: fp32)",
+    )
+    parser.set_defaults(func=config_command)
+
+
+def config_command(args: argparse.Namespace) -> int:
+    cfg = load_run_config(args.config, args.overrides)
+    template = load_ds_template(args.ds_config)
+    precision = resolve_precision(cfg.train.precision, template, "cpu", False, False)
+    if args.precision and cfg.train.precision == "auto":
+        precision = args.precision
+    ds = resolve_ds_config(
+        template, cfg, args.world_size, precision, cfg.train.max_steps, args.ds_config or "zero1.json"
+    )
+    print(f"# run config ({cfg.source}; output to {cfg.output_dir})")
+    print(dump_run_config(cfg), end="")
+    print(f"# DeepSpeed config for {args.world_size} rank(s), precision {precision}")
+    print(json.dumps(ds, indent=2))
+    pending = find_auto(ds)
+    if pending:
+        print(f"# resolved when the data is known: {', '.join(pending)}")
+    return 0
+
+
+COMMANDS = (train_command_parser, config_command_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-ds", description="Train GPT-2-style models with DeepSpeed.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"llm-ds: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+import json
+
+import pytest
+
+from llm_ds.config import ConfigError, load_run_config
+from llm_ds.ds_config import (
+    DS_CONFIGS_DIR,
+    find_auto,
+    load_ds_template,
+    resolve_ds_config,
+    resolve_precision,
+    uses_nvme,
+    zero_stage,
+)
+
+SHIPPED = sorted(DS_CONFIGS_DIR.glob("*.json"))
+EXPECTED = {"zero1.json": 1, "zero2.json": 2, "zero3.json": 3, "zero2_offload.json": 2, "zero3_offload.json": 3}
+
+
+def test_shipped_set():
+    assert {p.name for p in SHIPPED} >= set(EXPECTED)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("world_size", [1, 2, 16])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_every_template_resolves_fully(path, world_size, precision):
+    cfg = load_run_config(None, ["train.grad_accum_steps=3"])
+    ds = resolve_ds_config(load_ds_template(path), cfg, world_size, precision, total_steps=123, source=path.name)
+    assert find_auto(ds) == []
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * 3 * world_size
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["optimizer"]["params"]["lr"] == cfg.train.lr
+    assert ds["scheduler"]["type"] == "WarmupDecayLR"
+    assert ds["scheduler"]["params"]["total_num_steps"] == 123
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == cfg.train.warmup_steps
+    assert ds["gradient_clipping"] == cfg.train.grad_clip
+    assert ds["bf16"]["enabled"] is (precision == "bf16")
+    assert ds["fp16"]["enabled"] is (precision == "fp16")
+    if path.name in EXPECTED:
+        assert zero_stage(ds) == EXPECTED[path.name]
+    json.dumps(ds)  # serialisable, as rank 0 saves it
+
+
+def test_offload_templates():
+    z2 = load_ds_template(DS_CONFIGS_DIR / "zero2_offload.json")
+    assert z2["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    z3 = load_ds_template(DS_CONFIGS_DIR / "zero3_offload.json")
+    assert uses_nvme(z3) and not uses_nvme(z2)
+    cfg = load_run_config(None, ["train.output_dir=/tmp/run-x"])
+    ds = resolve_ds_config(z3, cfg, 2, "fp32", 10)
+    for key in ("offload_param", "offload_optimizer"):
+        assert ds["zero_optimization"][key]["nvme_path"] == "/tmp/run-x/nvme"
+    ds = resolve_ds_config(z3, load_run_config(None, ["train.nvme_path=/local_nvme"]), 2, "fp32", 10)
+    assert ds["zero_optimization"]["offload_param"]["nvme_path"] == "/local_nvme"
+
+
+def test_batch_contradiction_names_both_numbers():
+    cfg = load_run_config(None, ["train.micro_batch_size=4", "train.grad_accum_steps=2"])
+    template = {"train_batch_size": 32, "zero_optimization": {"stage": 1}}
+    assert resolve_ds_config(template, cfg, 4, "fp32", 10)["train_batch_size"] == 32
+    with pytest.raises(ConfigError) as err:
+        resolve_ds_config(template, cfg, 2, "fp32", 10, source="mine.json")
+    msg = str(err.value)
+    assert "mine.json" in msg and "train_batch_size=32" in msg and "= 16" in msg and "world size (2)" in msg
+
+
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        (
+            {"train_micro_batch_size_per_gpu": 2},
+            "train_micro_batch_size_per_gpu=2 contradicts train.micro_batch_size=8",
+        ),
+        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps=4 contradicts train.grad_accum_steps=1"),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, "lr=0.1 contradicts train.lr=0.002"),
+        ({"gradient_clipping": 0.5}, "gradient_clipping=0.5 contradicts train.grad_clip=1.0"),
+        ({"bf16": {"enabled": True}}, "enabled=True contradicts precision fp32"),
+        (
+            {"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 50}}},
+            "total_num_steps=50 contradicts the run's total steps=300",
+        ),
+    ],
+)
+def test_explicit_contradictions_stop(template, expected):
+    cfg = load_run_config()
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        resolve_ds_config(template, cfg, 1, "fp32", 300)
+
+
+def test_agreeing_explicit_values_are_kept():
+    cfg = load_run_config()
+    ds = resolve_ds_config(
+        {"optimizer": {"type": "AdamW", "params": {"lr": 0.002, "betas": [0.9, 0.95]}}}, cfg, 1, "fp32", 300
+    )
+    assert ds["optimizer"]["params"]["lr"] == 0.002
+
+
+def test_precision_resolution():
+    auto = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
+    assert resolve_precision("auto", auto, "cuda", True, True) == "bf16"
+    assert resolve_precision("auto", auto, "cuda", False, True) == "fp16"
+    assert resolve_precision("auto", auto, "cuda", False, False) == "fp32"
+    assert resolve_precision("auto", auto, "cpu", True, True) == "fp32"
+    assert resolve_precision("auto", {"fp16": {"enabled": True}}, "cuda", True, True) == "fp16"
+    assert resolve_precision("bf16", auto, "cpu", False, False) == "bf16"
+
+
+def test_template_errors(tmp_path):
+    with pytest.raises(ConfigError, match="missing.json: no such file"):
+        load_ds_template(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_batch_size": 4,\n "zero_optimization": }')
+    with pytest.raises(ConfigError, match=r"bad.json: invalid JSON at line 2"):
+        load_ds_template(bad)
