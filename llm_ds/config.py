@@ -85,7 +85,7 @@ class TrainConfig:
     seed: int = 1234
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
-    max_steps: int | None = 300  # optimizer steps; null trains for ``epochs``
+    max_steps: int | None = 500  # optimizer steps; null trains for ``epochs``
     epochs: float | None = None
     lr: float = 2e-3
     min_lr: float = 0.0  # WarmupDecayLR's warmup_min_lr; the decay ends at 0

@@ -58,7 +58,6 @@ class Trainer:
         self.tokens_per_step = (
             cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size * cfg.data.block_size
         )
-        self.steps_per_epoch = len(train_loader) // cfg.train.grad_accum_steps
         self._batches = self._iter_batches()
 
     def _iter_batches(self):
@@ -174,7 +173,8 @@ class Trainer:
             "parameters": self.n_params,
             "global_batch_size": self.tokens_per_step // cfg.data.block_size,
             "block_size": cfg.data.block_size,
-            "epochs": self.state.epoch + self.state.consumed / max(1, len(self.train_loader.sampler)),
+            "epochs": self.state.epoch
+            + self.state.consumed / (len(self.train_loader) * self.cfg.train.micro_batch_size),
         }
 
 
