@@ -154,17 +154,19 @@ def resolve_precision(requested: str, template: dict[str, Any], device: str, has
     """Choose fp32, bf16 or fp16.
 
     An explicit ``train.precision`` wins; with ``auto``, an explicit ``bf16``/``fp16``
-    ``enabled: true`` in the template wins; otherwise the hardware decides: bf16 where the
-    accelerator has it, fp16 (dynamic loss scaling) where it has only that, and fp32 on CPU,
-    whose bf16 is emulated on most cores and slower than fp32.
+    ``enabled: true`` in the template wins; otherwise the hardware decides among those the
+    template does not disable: bf16 where the accelerator has it, fp16 (dynamic loss scaling)
+    where it has only that, and fp32 on CPU, whose bf16 is emulated on most cores and slower
+    than fp32.
     """
     if requested != AUTO:
         return requested
-    for name in ("bf16", "fp16"):
-        if (template.get(name) or {}).get("enabled") is True:
+    enabled = {name: (template.get(name) or {}).get("enabled", AUTO) for name in ("bf16", "fp16")}
+    for name, value in enabled.items():
+        if value is True:
             return name
     if device == "cpu":
         return "fp32"
-    if has_bf16:
+    if has_bf16 and enabled["bf16"] is not False:
         return "bf16"
-    return "fp16" if has_fp16 else "fp32"
+    return "fp16" if has_fp16 and enabled["fp16"] is not False else "fp32"
