@@ -106,8 +106,10 @@ def test_precision_resolution():
     assert resolve_precision("auto", {"fp16": {"enabled": True}}, "cuda", True, True) == "fp16"
     assert resolve_precision("bf16", auto, "cpu", False, False) == "bf16"
     assert resolve_precision("auto", {"bf16": {"enabled": False}}, "cuda", True, True) == "fp16"
-    assert resolve_precision("auto", {"bf16": {"enabled": False}, "fp16": {"enabled": False}}, "cuda", True, True) \
+    assert (
+        resolve_precision("auto", {"bf16": {"enabled": False}, "fp16": {"enabled": False}}, "cuda", True, True)
         == "fp32"
+    )
 
 
 def test_template_errors(tmp_path):
