@@ -67,6 +67,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = No
             raise ConfigError(
                 f"model.init_from={cfg.init_from!r} could not be loaded ({str(exc).splitlines()[0]})"
             ) from None
+        logger.info(
+            "model.init_from=%s: the model's own config is used; the model section's shape is ignored", cfg.init_from
+        )
         if model.get_input_embeddings().num_embeddings < vocab_size:
             model.resize_token_embeddings(vocab_size)
     else:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_ds.config import RunConfig, dump_run_config
+from llm_ds.config import ConfigError, RunConfig, dump_run_config
 from llm_ds.ds_config import resolve_ds_config, resolve_precision, zero_stage
 
 logger = logging.getLogger("llm_ds")
@@ -142,6 +142,12 @@ def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Ru
     # ZeRO-3 partitions the model as it is built, so no rank ever holds all of it.
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
         model = build_model(cfg.model, vocab_size, tokenizer.eos_token_id, seed=cfg.train.seed)
+    n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if n_positions is not None and cfg.data.block_size > n_positions:
+        raise ConfigError(
+            f"data.block_size={cfg.data.block_size} is longer than the model's {n_positions} positions"
+            f"{f' (model.init_from={cfg.model.init_from})' if cfg.model.init_from else ''}"
+        )
     n_params = count_parameters(model)
     logger.info(
         "Model parameters: %s (%d layers, %d wide, %d heads, vocab %d); precision %s, ZeRO stage %d, %d rank(s) on %s",

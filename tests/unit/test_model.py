@@ -70,3 +70,24 @@ def test_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_init_from_a_local_pretrained_model(tmp_path):
+    source, vocab = tiny_model(seed=3)
+    source.save_pretrained(tmp_path / "pretrained")
+    cfg = ModelConfig(init_from=str(tmp_path / "pretrained"), n_layer=7)  # the shape here is ignored
+    loaded = build_model(cfg, vocab, seed=99)
+    assert loaded.config.n_layer == 2
+    a, b = source.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    bigger = build_model(cfg, vocab + 10, seed=99)  # a tokenizer with more tokens grows the embeddings
+    assert bigger.get_input_embeddings().num_embeddings == vocab + 10
+
+
+def test_init_from_a_missing_model_is_a_config_error(tmp_path):
+    import pytest
+
+    from llm_ds.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.init_from=.*could not be loaded"):
+        build_model(ModelConfig(init_from=str(tmp_path / "absent")), 96)
