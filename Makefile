@@ -9,7 +9,7 @@ DS_CONFIG ?= ds_configs/zero2.json
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps test test-unit lint format train smoke clean
+.PHONY: install sysdeps test test-unit lint format train smoke bench-data clean
 
 install: $(STAMP)
 
@@ -65,6 +65,10 @@ smoke: install
 	$(PY) -c "import json,sys; s=json.load(open('runs/smoke/summary.json')); \
 		print('smoke: loss %.3f -> %.3f' % (s['first_train_loss'], s['final_eval_loss'])); \
 		sys.exit(0 if s['final_eval_loss'] < s['first_train_loss'] - 0.5 else 1)"
+
+# Data pipeline figures: tokenize+pack throughput, padding waste, cache; writes bench/results/data.json.
+bench-data: install
+	$(PY) bench/bench_data.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

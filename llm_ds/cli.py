@@ -83,7 +83,47 @@ def config_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (train_command_parser, config_command_parser)
+def prepare_command_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="read, clean, tokenize and cache a run config's data ahead of training",
+        description="Build the token cache that training will use (keyed by sources, preprocessing, tokenizer and "
+        "block size), so that no rank spends cluster time on it. Run it once where the cache directory is shared "
+        "or on each node's local disk.",
+    )
+    parser.add_argument("--config", help="run config YAML (default: the bundled tiny.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.set_defaults(func=prepare_command)
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    import time
+
+    from llm_ds.data import cache
+    from llm_ds.data.pipeline import cache_key, cache_root, describe, load_or_build_arrays
+    from llm_ds.data.sources import DataError
+    from llm_ds.model import build_tokenizer
+
+    cfg = load_run_config(args.config, args.overrides)
+    if cfg.data.streaming:
+        print("data.streaming is true: documents are tokenized while training; there is nothing to prepare")
+        return 0
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    key = cache_key(cfg.data, tokenizer, cfg.train.seed)
+    hit = (cache_root(cfg.data) / key / cache.DONE_MARK).exists()
+    start = time.perf_counter()
+    try:
+        _, info = load_or_build_arrays(cfg.data, tokenizer, cfg.train.seed, is_builder=True)
+    except DataError as exc:
+        print(f"llm-ds: error: {exc}", file=sys.stderr)
+        return 2
+    size_mb = cache.cache_size_bytes(cache_root(cfg.data), key) / 1e6
+    print(f"{'cached already' if hit else 'built'} in {time.perf_counter() - start:.1f} s: {describe(info)}")
+    print(f"cache: {info['cache_dir']} ({size_mb:.1f} MB)")
+    return 0
+
+
+COMMANDS = (train_command_parser, config_command_parser, prepare_command_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

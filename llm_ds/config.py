@@ -59,23 +59,97 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
 
 
+SOURCE_FORMATS = ("txt", "json", "jsonl", "parquet", "csv")
+MIX_MODES = ("concat", "interleave")
+
+
+@dataclass
+class SourceConfig:
+    """One text source: local files (``path``) or a Hugging Face dataset (``hub``)."""
+
+    path: str | None = None  # a file, directory or glob
+    hub: str | None = None  # a dataset name for datasets.load_dataset, e.g. wikipedia, or a local dataset folder
+    config: str | None = None  # the hub dataset's config, e.g. 20220301.en
+    split: str = "train"
+    text_field: str | None = None  # default: data.text_field
+    format: str | None = None  # txt, json, jsonl, parquet, csv; default from each file's suffix
+    weight: float = 1.0  # relative sampling weight with data.mix: interleave
+
+    def validate(self, key: str) -> None:
+        _check(
+            (self.path is None) != (self.hub is None),
+            f"{key}",
+            asdict_short(self),
+            "needs exactly one of `path` or `hub`",
+        )
+        _check(
+            self.format is None or self.format in SOURCE_FORMATS,
+            f"{key}.format",
+            self.format,
+            f"must be one of {SOURCE_FORMATS}",
+        )
+        _check(self.weight > 0, f"{key}.weight", self.weight, "must be > 0")
+
+    def describe(self) -> str:
+        if self.hub:
+            return f"hub:{self.hub}" + (f"/{self.config}" if self.config else "") + f"[{self.split}]"
+        return self.path or ""
+
+
+def asdict_short(source: SourceConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(source).items() if v not in (None, "train", 1.0)}
+
+
 @dataclass
 class DataConfig:
     """Where the text comes from and how it becomes blocks of tokens."""
 
-    paths: list[str] = field(default_factory=lambda: [str(BUNDLED_CORPUS)])
-    text_field: str = "text"  # the field holding the text in .jsonl/.json files
+    paths: list[str] = field(default_factory=lambda: [str(BUNDLED_CORPUS)])  # local files; see also `sources`
+    text_field: str = "text"  # the field holding the text in json/jsonl/parquet/csv and hub datasets
+    sources: list[SourceConfig] = field(default_factory=list)  # when given, replaces `paths`
+    mix: str = "concat"  # concat: one source after another; interleave: drawn by `weight`, from train.seed
+    val_sources: list[SourceConfig] = field(default_factory=list)  # explicit validation text
+    val_fraction: float = 0.05  # of documents, held out before packing (when val_sources is empty)
     tokenizer: str = str(BUNDLED_TOKENIZER)  # a local path or hub name for AutoTokenizer
     block_size: int = 128
-    val_fraction: float = 0.05  # of documents, held out before packing
+    packing: bool = True  # false: the seed's one document per row, padded to block_size, pads masked
+    streaming: bool = False  # tokenize and pack on the fly; for corpora larger than disk or memory
+    num_proc: int = 1  # tokenizer worker processes
+    normalize_nfkc: bool = False
+    strip_control: bool = False  # drop control and non-printing characters (emoji sequences kept)
+    replace_urls: str | None = None  # replace URLs with this placeholder, e.g. "<url>"
+    min_chars: int = 0  # drop documents shorter than this, after the steps above
+    dedup: bool = False  # drop exact duplicate documents (by hash)
     cache_dir: str | None = None  # default: $LLM_DS_CACHE or ~/.cache/llm_ds
     num_workers: int = 0
 
     def validate(self) -> None:
-        _check(len(self.paths) > 0, "data.paths", self.paths, "must name at least one file, directory or glob")
+        _check(
+            len(self.paths) > 0 or len(self.sources) > 0,
+            "data.paths",
+            self.paths,
+            "must name at least one file, directory or glob (or use data.sources)",
+        )
+        for i, source in enumerate(self.sources):
+            source.validate(f"data.sources[{i}]")
+        for i, source in enumerate(self.val_sources):
+            source.validate(f"data.val_sources[{i}]")
+        _check(self.mix in MIX_MODES, "data.mix", self.mix, f"must be one of {MIX_MODES}")
         _check(self.block_size > 1, "data.block_size", self.block_size, "must be > 1")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        _check(self.num_proc >= 1, "data.num_proc", self.num_proc, "must be >= 1")
+        _check(self.min_chars >= 0, "data.min_chars", self.min_chars, "must be >= 0")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _check(
+            self.packing or not self.streaming,
+            "data.packing",
+            self.packing,
+            "must be true with data.streaming (padding mode needs the documents up front)",
+        )
+
+    def train_sources(self) -> list[SourceConfig]:
+        """``sources``, or one local source per entry of ``paths``."""
+        return self.sources or [SourceConfig(path=p) for p in self.paths]
 
 
 @dataclass
@@ -171,6 +245,12 @@ class RunConfig:
         for section in SECTIONS:
             getattr(self, section).validate()
         _check(
+            not self.data.streaming or self.train.max_steps is not None,
+            "train.max_steps",
+            None,
+            "must be set with data.streaming (a stream has no known length for train.epochs)",
+        )
+        _check(
             self.data.block_size <= self.model.n_positions,
             "data.block_size",
             self.data.block_size,
@@ -235,6 +315,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             pass
     if hint is str and isinstance(value, Path):
         return str(value)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"`{key}` must be a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}, got {value!r}"
+            )
+        hints = typing.get_type_hints(hint)
+        for k in value:
+            if k not in hints:
+                raise ConfigError(f"unknown key `{key}.{k}`{_closest(k, hints, f'{key}.')}")
+        return hint(**{k: _coerce(v, hints[k], f"{key}.{k}") for k, v in value.items()})
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"`{key}` must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value

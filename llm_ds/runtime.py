@@ -79,15 +79,17 @@ class Run:
     precision: str
 
 
-def compute_total_steps(cfg: RunConfig, n_train_blocks: int, world_size: int) -> int:
-    """``train.max_steps``, or ``train.epochs`` worth of optimizer steps over the packed train split."""
+def compute_total_steps(cfg: RunConfig, n_train_samples: int | None, world_size: int) -> int:
+    """``train.max_steps``, or ``train.epochs`` worth of optimizer steps over the train split."""
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    per_rank_batches = (n_train_blocks // world_size) // cfg.train.micro_batch_size
+    if n_train_samples is None:
+        raise ConfigError("data.streaming has no known length: set train.max_steps instead of train.epochs")
+    per_rank_batches = (n_train_samples // world_size) // cfg.train.micro_batch_size
     steps_per_epoch = per_rank_batches // cfg.train.grad_accum_steps
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"one epoch of {n_train_blocks} blocks is less than one global batch; "
+        raise ConfigError(
+            f"one epoch of {n_train_samples} samples is less than one global batch; "
             f"lower train.micro_batch_size or train.grad_accum_steps"
         )
     return max(1, int(cfg.train.epochs * steps_per_epoch))
@@ -98,7 +100,7 @@ def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Ru
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from llm_ds.data.loader import build_eval_loader, build_splits, build_train_loader
+    from llm_ds.data.loader import build_loaders
     from llm_ds.model import build_model, build_tokenizer, count_parameters, param_groups, resolve_vocab_size
 
     rank, local_rank, world_size = dist_env()
@@ -107,18 +109,18 @@ def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Ru
     seed_everything(cfg.train.seed)
 
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    splits = build_splits(cfg.data, tokenizer, cfg.train.seed, local_rank)
-    train_loader = build_train_loader(
-        splits.train,
+    loaders = build_loaders(
+        cfg.data,
+        tokenizer,
         cfg.train.micro_batch_size,
         rank,
         world_size,
+        local_rank,
         cfg.train.seed,
-        cfg.data.num_workers,
+        cfg.train.eval_max_batches,
         pin_memory=is_cuda,
     )
-    eval_loader = build_eval_loader(splits.val, cfg.train.micro_batch_size, rank, world_size, pin_memory=is_cuda)
-    total_steps = compute_total_steps(cfg, len(splits.train), world_size)
+    total_steps = compute_total_steps(cfg, loaders.n_train_samples, world_size)
 
     precision = resolve_precision(
         cfg.train.precision, ds_template, accel.device_name(), accel.is_bf16_supported(), accel.is_fp16_supported()
@@ -129,10 +131,11 @@ def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Ru
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_run_config(cfg))
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    n_train = f"{loaders.n_train_samples:,}" if loaders.n_train_samples is not None else "streamed"
     logger.info(
-        "data: %s train blocks, %s validation blocks of %d tokens; %d steps of %d sequences",
-        f"{len(splits.train):,}",
-        f"{len(splits.val):,}",
+        "data: %s train and %s validation samples of %d tokens; %d steps of %d sequences",
+        n_train,
+        f"{len(loaders.eval.dataset):,}",
         cfg.data.block_size,
         total_steps,
         ds_config["train_batch_size"],
@@ -165,7 +168,7 @@ def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Ru
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config
     )
-    return Run(engine, train_loader, eval_loader, total_steps, n_params, ds_config, precision)
+    return Run(engine, loaders.train, loaders.eval, total_steps, n_params, ds_config, precision)
 
 
 def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
@@ -211,4 +214,9 @@ def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
             out / "tensorboard",
         )
     dist.barrier()
+    # Tear the process group down before the interpreter does, so no communication thread outlives it.
+    import torch.distributed
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0

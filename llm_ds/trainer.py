@@ -25,12 +25,11 @@ logger = logging.getLogger("llm_ds")
 
 @dataclass
 class TrainState:
-    """Counters saved with every checkpoint."""
+    """Counters saved with every checkpoint (the data position is the loader's own state)."""
 
     step: int = 0  # optimizer steps done
-    epoch: int = 0
-    consumed: int = 0  # samples of this epoch already trained on by each rank
-    tokens_seen: int = 0  # global, all ranks
+    tokens_seen: int = 0  # positions trained on, all ranks
+    real_tokens_seen: int = 0  # of which real tokens (not padding), all ranks
 
 
 def forward_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -58,21 +57,14 @@ class Trainer:
         self.tokens_per_step = (
             cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size * cfg.data.block_size
         )
-        self._batches = self._iter_batches()
-
-    def _iter_batches(self):
-        """Micro-batches forever, epoch after epoch, each reshuffled from (seed, epoch)."""
-        sampler = self.train_loader.sampler
-        while True:
-            sampler.load_state_dict({"epoch": self.state.epoch, "consumed": self.state.consumed})
-            yield from self.train_loader
-            self.state.epoch += 1
-            self.state.consumed = 0
+        self._batches = iter(train_loader)
+        self._real_tokens = torch.zeros((), device=self.device, dtype=torch.float64)  # this rank, since the last log
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
-        batch = next(self._batches)
-        self.state.consumed += batch["input_ids"].shape[0]
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self._batches).items()}
+        mask = batch.get("attention_mask")
+        self._real_tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
+        return batch
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss, on device."""
@@ -96,7 +88,7 @@ class Trainer:
             if limit is not None and i >= limit:
                 break
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            n_targets = batch["labels"][:, 1:].numel()
+            n_targets = (batch["labels"][:, 1:] != -100).sum()
             sums[0] += forward_loss(self.engine, batch).double() * n_targets
             sums[1] += n_targets
         dist.all_reduce(sums)
@@ -106,14 +98,22 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         save_dir = self.cfg.checkpoint_dir
         tag = f"global_step{self.state.step}"
-        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state={"llm_ds": asdict(self.state)})
+        client_state = {"llm_ds": {**asdict(self.state), "data": self.train_loader.state_dict()}}
+        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state)
         logger.info("saved checkpoint %s", save_dir / tag)
         return save_dir / tag
 
-    def _global_mean(self, value: torch.Tensor) -> float:
-        value = value.detach().clone().double()
-        dist.all_reduce(value)
-        return value.item() / self.world_size
+    def _global_sum(self, values: list[torch.Tensor]) -> list[float]:
+        """One all-reduce for several per-rank values; the only host sync of a log point."""
+        stacked = torch.stack([v.detach().double().reshape(()) for v in values])
+        dist.all_reduce(stacked)
+        return stacked.tolist()
+
+    def _epochs(self) -> float | None:
+        per_epoch = self.train_loader.batches_per_epoch()
+        if not per_epoch:
+            return None
+        return self.train_loader.epoch + self.train_loader.consumed / (per_epoch * self.cfg.train.micro_batch_size)
 
     def fit(self) -> dict[str, Any]:
         """Train to ``total_steps``; evaluate and save on schedule and at the end; return the summary."""
@@ -130,7 +130,10 @@ class Trainer:
             interval_steps += 1
             step = self.state.step
             if step == 1 or step % log_every == 0 or step == self.total_steps:
-                last_loss = self._global_mean(interval_loss / interval_steps)
+                loss_sum, real_tokens = self._global_sum([interval_loss / interval_steps, self._real_tokens])
+                last_loss = loss_sum / self.world_size
+                self._real_tokens.zero_()
+                self.state.real_tokens_seen += int(real_tokens)
                 elapsed = time.perf_counter() - interval_start
                 first_loss = last_loss if first_loss is None else first_loss
                 if step > 1:  # the first step carries one-off warm-up costs
@@ -139,12 +142,14 @@ class Trainer:
                 self.monitor.log_train(
                     {
                         "step": step,
-                        "train/epoch": self.state.epoch + 1,
+                        "train/epoch": self.train_loader.epoch + 1,
                         "train/loss": last_loss,
                         "train/lr": float(self.engine.get_lr()[0]),
                         "train/tokens_seen": self.state.tokens_seen,
                         "perf/ms_per_step": 1000 * elapsed / interval_steps,
                         "perf/tokens_per_s": interval_steps * self.tokens_per_step / elapsed,
+                        "data/real_token_fraction": real_tokens / (interval_steps * self.tokens_per_step),
+                        "data/samples_consumed": self.train_loader.consumed,
                     }
                 )
                 interval_loss.zero_()
@@ -173,8 +178,8 @@ class Trainer:
             "parameters": self.n_params,
             "global_batch_size": self.tokens_per_step // cfg.data.block_size,
             "block_size": cfg.data.block_size,
-            "epochs": self.state.epoch
-            + self.state.consumed / (len(self.train_loader) * self.cfg.train.micro_batch_size),
+            "epochs": self._epochs(),
+            "real_token_fraction": self.state.real_tokens_seen / max(1, self.state.tokens_seen),
         }
 
 

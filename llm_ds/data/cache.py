@@ -28,14 +28,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LLM_DS_CACHE", Path.home() / ".cache" / "llm_ds"))
 
 
-def fingerprint(files: list[Path], tokenizer, text_field: str, val_fraction: float, seed: int) -> str:
-    """A key that changes with the files (path, size, mtime), the tokenizer, and the split."""
+def fingerprint(spec: dict, files: list[Path], tokenizer) -> str:
+    """A key that changes with the spec (sources, preprocessing, split, block size, layout), the files
+    (path, size, mtime) and the tokenizer's full serialisation."""
     h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {"format": CACHE_FORMAT, "text_field": text_field, "val_fraction": val_fraction, "seed": seed}
-        ).encode()
-    )
+    h.update(json.dumps({"format": CACHE_FORMAT, **spec}, sort_keys=True, default=str).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
@@ -45,18 +42,21 @@ def fingerprint(files: list[Path], tokenizer, text_field: str, val_fraction: flo
     return h.hexdigest()[:20]
 
 
+Built = tuple[dict[str, np.ndarray], dict]
+
+
 def load_or_build(
     cache_root: Path,
     key: str,
-    build: Callable[[], dict[str, np.ndarray]],
+    build: Callable[[], Built],
     is_builder: bool,
     timeout_s: float = 24 * 3600,
     poll_s: float = 0.2,
-) -> dict[str, np.ndarray]:
-    """Return the cached arrays under ``cache_root/key``, building them first if needed.
+) -> Built:
+    """Return the cached arrays and info under ``cache_root/key``, building them first if needed.
 
     Args:
-        build: makes ``{name: 1-D array}``; called only by the builder, only on a miss.
+        build: makes ``({name: 1-D array}, info)``; called only by the builder, only on a miss.
         is_builder: this process builds on a miss (local rank 0); others wait for it.
     """
     folder = cache_root / key
@@ -73,26 +73,27 @@ def load_or_build(
                     )
                 time.sleep(poll_s)
     meta = json.loads((folder / DONE_MARK).read_text())
-    return {
-        name: np.memmap(folder / f"{name}.bin", dtype=meta["dtype"], mode="r", shape=(n,))
-        if n
-        else np.zeros(0, dtype=meta["dtype"])
-        for name, n in meta["lengths"].items()
-    }
+    arrays = {}
+    for name, (dtype, n) in meta["arrays"].items():
+        arrays[name] = (
+            np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
+        )
+    return arrays, meta["info"]
 
 
-def _build_atomically(folder: Path, build: Callable[[], dict[str, np.ndarray]]) -> None:
+def cache_size_bytes(cache_root: Path, key: str) -> int:
+    return sum(f.stat().st_size for f in (cache_root / key).iterdir())
+
+
+def _build_atomically(folder: Path, build: Callable[[], Built]) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    arrays = build()
+    arrays, info = build()
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        dtypes = {a.dtype.str for a in arrays.values()}
-        if len(dtypes) != 1:
-            raise ValueError(f"cache arrays must share one dtype, got {dtypes}")
         for name, array in arrays.items():
             array.tofile(tmp / f"{name}.bin")
-        meta = {"dtype": dtypes.pop(), "lengths": {n: int(len(a)) for n, a in arrays.items()}}
+        meta = {"arrays": {n: [a.dtype.str, int(len(a))] for n, a in arrays.items()}, "info": info}
         (tmp / DONE_MARK).write_text(json.dumps(meta))  # the completion mark, written last
         try:
             os.rename(tmp, folder)
@@ -101,5 +102,4 @@ def _build_atomically(folder: Path, build: Callable[[], dict[str, np.ndarray]]) 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    sizes = ", ".join(f"{n}={len(a):,} tokens" for n, a in arrays.items())
-    logger.info("built data cache %s (%s) in %.1f s", folder, sizes, time.perf_counter() - start)
+    logger.info("built data cache %s in %.1f s", folder, time.perf_counter() - start)

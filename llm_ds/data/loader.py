@@ -1,42 +1,79 @@
-"""Packed blocks as a dataset, a resumable per-rank sampler, and the loaders built from ``cfg.data``."""
+"""Datasets over the token arrays, a resumable per-rank sampler, streaming blocks, and the loaders.
+
+``TrainLoader`` yields micro-batches forever, epoch after epoch, and knows its position
+(epoch, samples this rank has consumed in it): ``state_dict()`` after any number of batches and
+``load_state_dict()`` on a fresh loader give exactly the batches an uninterrupted loader would
+have given next.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from llm_ds.config import DataConfig
-from llm_ds.data import cache
-from llm_ds.data.packing import n_blocks, split_documents, token_dtype, tokenize_to_stream
-from llm_ds.data.sources import DataError, expand_paths, iter_documents
+from llm_ds.data.packing import iter_token_ids, n_blocks
+from llm_ds.data.pipeline import describe, iter_split, load_or_build_arrays
+from llm_ds.data.preprocess import Preprocessor
+from llm_ds.data.sources import DataError, ReadStats
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("llm_ds")
+IGNORE_INDEX = -100  # Hugging Face's label for "not scored"
 
 
 class BlockDataset(Dataset):
     """Block ``i`` is tokens ``[i * block_size, (i + 1) * block_size)`` of a 1-D token stream."""
 
     def __init__(self, stream: np.ndarray, block_size: int):
-        self.stream = stream
-        self.block_size = block_size
+        self.stream, self.block_size = stream, block_size
 
     def __len__(self) -> int:
         return n_blocks(len(self.stream), self.block_size)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         start = i * self.block_size
-        return torch.from_numpy(self.stream[start : start + self.block_size].astype(np.int64))
+        return {"input_ids": torch.from_numpy(self.stream[start : start + self.block_size].astype(np.int64))}
+
+
+class PaddedDataset(Dataset):
+    """Padding mode: row ``i`` is one document, padded to ``max_length`` with an attention mask."""
+
+    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, max_length: int, pad_id: int):
+        self.tokens, self.lengths, self.max_length, self.pad_id = tokens, lengths, max_length, pad_id
+        self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.tokens[self.offsets[i] : self.offsets[i + 1]].astype(np.int64)
+        ids = torch.full((self.max_length,), self.pad_id, dtype=torch.int64)
+        ids[: len(row)] = torch.from_numpy(row)
+        mask = torch.zeros(self.max_length, dtype=torch.int64)
+        mask[: len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def real_token_fraction(self) -> float:
+        return float(self.lengths.sum()) / (len(self) * self.max_length) if len(self) else 0.0
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack samples. Labels are the inputs (the model shifts them by one itself), pads not scored."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    mask = batch.get("attention_mask")
+    batch["labels"] = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
+    return batch
 
 
 def collate_blocks(blocks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Stack blocks into a batch. Labels equal the inputs: the model shifts them by one itself."""
-    input_ids = torch.stack(blocks)
-    return {"input_ids": input_ids, "labels": input_ids}
+    """Packed blocks given as tensors, stacked as ``collate`` does."""
+    return collate([{"input_ids": b} for b in blocks])
 
 
 class ShardedSampler(Sampler[int]):
@@ -50,13 +87,11 @@ class ShardedSampler(Sampler[int]):
 
     def __init__(self, n_samples: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
         if n_samples < world_size:
-            raise DataError(f"{n_samples} blocks cannot be shared among {world_size} ranks")
+            raise DataError(f"{n_samples} samples cannot be shared among {world_size} ranks")
         self.n_samples, self.rank, self.world_size = n_samples, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.epoch = 0
-        # Samples of this epoch already trained on by this rank: iteration starts after them.
-        # The trainer, not the iterator, advances it, since a loader prefetches ahead of training.
-        self.consumed = 0
+        self.consumed = 0  # iteration starts after this many samples of the epoch
 
     def __len__(self) -> int:
         return self.n_samples // self.world_size
@@ -81,77 +116,187 @@ class ShardedSampler(Sampler[int]):
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
 
+class StreamingBlocks(IterableDataset):
+    """Blocks packed on the fly from a document stream, sharded by document across ranks and workers.
+
+    Shard ``s`` of ``S = world_size * num_workers`` takes documents ``s, s + S, ...`` and packs
+    them into blocks; with one shard the blocks equal the in-memory path's. The position is the
+    number of blocks this rank has consumed in the epoch: on resume each worker skips its share.
+    With several loader workers, resuming is exact until the first worker runs out of documents
+    at the end of an epoch (the loader then no longer alternates between workers strictly).
+    """
+
+    def __init__(
+        self,
+        docs: Callable[[], Iterator[str]],
+        tokenizer,
+        block_size: int,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        num_proc: int = 1,
+    ):
+        self.docs, self.tokenizer, self.block_size = docs, tokenizer, block_size
+        self.rank, self.world_size, self.micro_batch_size, self.num_proc = rank, world_size, micro_batch_size, num_proc
+        self.eos_id = tokenizer.eos_token_id
+        self.consumed = 0
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info else (0, 1)
+
+    def blocks(self, worker: int | None = None) -> Iterator[np.ndarray]:
+        """This shard's blocks; ``worker`` overrides the loader worker's id (see ``__iter__``)."""
+        info_worker, n_workers = self._worker()
+        worker = info_worker if worker is None else worker
+        shard, n_shards = self.rank * n_workers + worker, self.world_size * n_workers
+        mine = (doc for i, doc in enumerate(self.docs()) if i % n_shards == shard)
+        buffer: list[int] = []
+        for ids in iter_token_ids(mine, self.tokenizer, self.num_proc):
+            buffer.extend(ids)
+            buffer.append(self.eos_id)
+            while len(buffer) >= self.block_size:
+                yield np.asarray(buffer[: self.block_size], dtype=np.int64)
+                del buffer[: self.block_size]
+
+    def __iter__(self):
+        worker, n_workers = self._worker()
+        # A DataLoader takes whole batches from its workers in turn, always starting with worker 0:
+        # batch b came from worker b % W. After ``done`` batches, the next comes from worker done % W,
+        # so worker w of the new loader continues the shard of worker (w + done) % W, minus what it gave.
+        done = self.consumed // self.micro_batch_size
+        shard_worker = (worker + done) % n_workers
+        skip = max(0, -(-(done - shard_worker) // n_workers)) * self.micro_batch_size
+        for i, block in enumerate(self.blocks(shard_worker)):
+            if i >= skip:
+                yield {"input_ids": torch.from_numpy(block)}
+
+
+class TrainLoader:
+    """Micro-batches forever, epoch after epoch, with a resumable position."""
+
+    def __init__(self, loader: DataLoader, micro_batch_size: int):
+        self.loader, self.micro_batch_size = loader, micro_batch_size
+        self.epoch, self.consumed = 0, 0
+        self.real_token_fraction = getattr(loader.dataset, "real_token_fraction", lambda: 1.0)()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            position = {"epoch": self.epoch, "consumed": self.consumed}
+            if isinstance(self.loader.dataset, StreamingBlocks):
+                self.loader.dataset.consumed = self.consumed
+            else:
+                self.loader.sampler.load_state_dict(position)
+            for batch in self.loader:
+                self.consumed += self.micro_batch_size
+                yield batch
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    def batches_per_epoch(self) -> int | None:
+        return None if isinstance(self.loader.dataset, StreamingBlocks) else len(self.loader)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
 @dataclass
-class Splits:
-    train: BlockDataset
-    val: BlockDataset
+class Loaders:
+    train: TrainLoader
+    eval: DataLoader
+    n_train_samples: int | None  # None when streaming
+    info: dict
 
 
-def build_splits(cfg: DataConfig, tokenizer, seed: int, local_rank: int) -> Splits:
-    """Token streams for the train and validation splits, from the cache or built into it."""
-    files = expand_paths(cfg.paths)
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise DataError(f"tokenizer {cfg.tokenizer!r} has no EOS token to separate documents")
-    key = cache.fingerprint(files, tokenizer, cfg.text_field, cfg.val_fraction, seed)
-    dtype = token_dtype(len(tokenizer))
-
-    def build() -> dict[str, np.ndarray]:
-        docs = list(iter_documents(files, cfg.text_field))
-        if len(docs) < 2:
-            raise DataError(
-                f"data.paths: {len(docs)} non-empty document(s) in {len(files)} file(s); "
-                f"need at least 2 to hold out a validation split"
-            )
-        train_idx, val_idx = split_documents(len(docs), cfg.val_fraction, seed)
-        return {
-            "train": tokenize_to_stream((docs[i] for i in train_idx), tokenizer, eos_id, dtype),
-            "val": tokenize_to_stream((docs[i] for i in val_idx), tokenizer, eos_id, dtype),
-        }
-
-    root = Path(cfg.cache_dir) if cfg.cache_dir else cache.default_cache_dir()
-    streams = cache.load_or_build(root / "tokens", key, build, is_builder=local_rank == 0)
-    train, val = BlockDataset(streams["train"], cfg.block_size), BlockDataset(streams["val"], cfg.block_size)
-    for name, ds, n_tok in (("train", train, len(streams["train"])), ("validation", val, len(streams["val"]))):
-        if len(ds) == 0:
-            raise DataError(
-                f"the {name} split has {n_tok:,} tokens, less than one block of data.block_size="
-                f"{cfg.block_size}; add data, lower data.block_size or change data.val_fraction"
-            )
-    return Splits(train=train, val=val)
-
-
-def build_train_loader(
-    ds: BlockDataset,
+def build_loaders(
+    cfg: DataConfig,
+    tokenizer,
     micro_batch_size: int,
     rank: int,
     world_size: int,
+    local_rank: int,
     seed: int,
-    num_workers: int = 0,
+    eval_max_batches: int | None,
     pin_memory: bool = False,
-) -> DataLoader:
-    sampler = ShardedSampler(len(ds), rank, world_size, seed, shuffle=True)
-    return DataLoader(
-        ds,
+) -> Loaders:
+    """The train and validation loaders for this rank."""
+    common = {"collate_fn": collate, "pin_memory": pin_memory, "num_workers": cfg.num_workers}
+    if cfg.num_workers:
+        common["persistent_workers"] = False
+    if cfg.streaming:
+        return _build_streaming(cfg, tokenizer, micro_batch_size, rank, world_size, seed, eval_max_batches, common)
+    arrays, info = load_or_build_arrays(cfg, tokenizer, seed, is_builder=local_rank == 0)
+    logger.info("data: %s (cache %s)", describe(info), info["cache_dir"])
+    if cfg.packing:
+        train, val = (BlockDataset(arrays[s], cfg.block_size) for s in ("train", "val"))
+    else:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        train, val = (
+            PaddedDataset(arrays[s], arrays[f"{s}_lengths"], cfg.block_size, pad_id) for s in ("train", "val")
+        )
+    _check_sizes(cfg, info, len(train), len(val), world_size, micro_batch_size)
+    train_loader = DataLoader(
+        train,
         batch_size=micro_batch_size,
-        sampler=sampler,
-        collate_fn=collate_blocks,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
         drop_last=True,
+        sampler=ShardedSampler(len(train), rank, world_size, seed),
+        **common,
     )
-
-
-def build_eval_loader(
-    ds: BlockDataset, micro_batch_size: int, rank: int, world_size: int, pin_memory: bool = False
-) -> DataLoader:
-    """Validation blocks in order, an equal share per rank (ZeRO-3 needs every rank in every forward)."""
-    sampler = ShardedSampler(len(ds), rank, world_size, seed=0, shuffle=False)
-    return DataLoader(
-        ds,
+    eval_loader = DataLoader(
+        val,
         batch_size=micro_batch_size,
-        sampler=sampler,
-        collate_fn=collate_blocks,
-        pin_memory=pin_memory,
         drop_last=False,
+        sampler=ShardedSampler(len(val), rank, world_size, seed=0, shuffle=False),
+        **common,
     )
+    return Loaders(TrainLoader(train_loader, micro_batch_size), eval_loader, len(train), info)
+
+
+def _check_sizes(cfg: DataConfig, info: dict, n_train: int, n_val: int, world_size: int, micro: int) -> None:
+    unit = "blocks of data.block_size" if cfg.packing else "documents of at least 2 tokens"
+    if n_train < world_size * micro:
+        raise DataError(
+            f"the train split has {info['train_tokens']:,} tokens in {info['train_docs']:,} documents: "
+            f"{n_train} {unit}={cfg.block_size}, fewer than one global batch ({world_size} ranks x "
+            f"{micro}); add data or lower data.block_size or train.micro_batch_size"
+        )
+    if n_val < world_size:
+        raise DataError(
+            f"the validation split has {info['val_tokens']:,} tokens in {info['val_docs']:,} documents: "
+            f"{n_val} {unit}={cfg.block_size}, fewer than the {world_size} rank(s); raise "
+            f"data.val_fraction, give data.val_sources or lower data.block_size"
+        )
+
+
+def _build_streaming(cfg, tokenizer, micro, rank, world_size, seed, eval_max_batches, common) -> Loaders:
+    def train_docs() -> Iterator[str]:
+        return iter_split(cfg, "train", seed, ReadStats(), Preprocessor(cfg), streaming=True)
+
+    train = StreamingBlocks(train_docs, tokenizer, cfg.block_size, rank, world_size, micro, num_proc=1)
+    # Validation: the first blocks of the validation stream, held in memory, an equal share per rank.
+    limit = (eval_max_batches or 50) * micro * world_size
+    val_all = StreamingBlocks(
+        lambda: iter_split(cfg, "val", seed, ReadStats(), Preprocessor(cfg), streaming=True),
+        tokenizer,
+        cfg.block_size,
+        0,
+        1,
+        micro,
+    )
+    blocks = list(itertools.islice(val_all.blocks(), limit))
+    if len(blocks) < world_size:
+        raise DataError(
+            f"the validation stream gave {len(blocks)} blocks of data.block_size={cfg.block_size}, fewer "
+            f"than the {world_size} rank(s); raise data.val_fraction or give data.val_sources"
+        )
+    val = BlockDataset(np.concatenate(blocks), cfg.block_size)
+    train_loader = DataLoader(train, batch_size=micro, drop_last=True, **common)
+    eval_loader = DataLoader(
+        val, batch_size=micro, sampler=ShardedSampler(len(val), rank, world_size, 0, False), **common
+    )
+    logger.info(
+        "data: streaming from %d source(s); %d validation blocks held in memory", len(cfg.train_sources()), len(val)
+    )
+    return Loaders(TrainLoader(train_loader, micro), eval_loader, None, {"streaming": True})

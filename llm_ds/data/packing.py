@@ -1,53 +1,70 @@
-"""Tokenize documents into one token stream and cut it into fixed-length blocks.
+"""Tokenize documents and lay the tokens out for training: packed blocks or padded rows.
 
 Packing (as nanoGPT and Hugging Face's ``run_clm`` do) concatenates documents with an EOS
 token after each one and cuts the stream into blocks of ``block_size`` tokens, so no position
 is padding. The last partial block is dropped: at most ``block_size - 1`` tokens per split.
+Padding (the seed chapter's way, kept for comparison) puts one document per row, EOS appended,
+truncated to ``block_size`` and padded; pad positions are masked out of attention and loss.
 Labels are the inputs themselves: Hugging Face causal LMs shift them inside the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import hashlib
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from llm_ds.data.sources import batched
 
-def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out whole documents for validation, before packing, so none appears in both splits.
+TOKENIZE_BATCH_DOCS = 256
 
-    Returns:
-        Sorted train and validation document indices; validation gets at least one document.
+
+def is_validation(index: int, seed: int, fraction: float) -> bool:
+    """Whether document ``index`` of the stream is held out: a seeded hash, so it needs no total count.
+
+    Streaming and in-memory runs hold out the same documents, and no document is in both splits.
     """
-    if n_docs < 2:
-        raise ValueError(f"need at least 2 documents to hold out a validation split, got {n_docs}")
-    n_val = min(max(1, round(n_docs * val_fraction)), n_docs - 1)
-    order = np.random.default_rng(seed).permutation(n_docs)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def tokenize_to_stream(
-    docs: Iterable[str], tokenizer, eos_id: int, dtype: np.dtype, batch_docs: int = 256
-) -> np.ndarray:
-    """Tokenize documents in batches and concatenate them, each followed by ``eos_id``."""
-    chunks: list[np.ndarray] = []
-    batch: list[str] = []
+_worker_tokenizer = None
 
-    def flush() -> None:
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            chunks.append(np.asarray([*ids, eos_id], dtype=dtype))
-        batch.clear()
 
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == batch_docs:
-            flush()
-    if batch:
-        flush()
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    # Processes are the parallelism here: one tokenizer thread each, no oversubscribed cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = tokenizer
+
+
+def _encode(batch: list[str]) -> list[list[int]]:
+    return _worker_tokenizer(batch, add_special_tokens=False)["input_ids"]
+
+
+def iter_token_ids(docs: Iterable[str], tokenizer, num_proc: int = 1) -> Iterator[list[int]]:
+    """Token ids of each document, in order; ``num_proc`` > 1 tokenizes batches in worker processes."""
+    batches = batched(docs, TOKENIZE_BATCH_DOCS)
+    if num_proc <= 1:
+        for batch in batches:
+            yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+        return
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        for ids in pool.imap(_encode, batches, chunksize=1):
+            yield from ids
+
+
+def tokenize_to_stream(docs: Iterable[str], tokenizer, eos_id: int, dtype: np.dtype, num_proc: int = 1) -> np.ndarray:
+    """All documents' tokens concatenated, each document followed by ``eos_id``."""
+    chunks = [np.asarray([*ids, eos_id], dtype=dtype) for ids in iter_token_ids(docs, tokenizer, num_proc)]
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
 
 
@@ -61,5 +78,6 @@ def pack_blocks(stream: np.ndarray, block_size: int) -> np.ndarray:
     return stream[: n * block_size].reshape(n, block_size)
 
 
-def take_documents(docs: Sequence[str], indices: np.ndarray) -> list[str]:
-    return [docs[i] for i in indices]
+def real_token_fraction(lengths: np.ndarray, max_length: int) -> float:
+    """Padding mode: the share of positions that hold a real token."""
+    return float(lengths.sum()) / (len(lengths) * max_length) if len(lengths) else 0.0

@@ -25,8 +25,9 @@ def test_two_epochs_over_a_small_corpus(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/loss" in r]
-    # "data: N train blocks" is printed by rank 0; one epoch is N // 16 steps.
-    n_blocks = int(next(x for x in proc.stdout.splitlines() if x.startswith("data: ")).split()[1].replace(",", ""))
+    # "data: N train and M validation samples ..." is printed by rank 0; one epoch is N // 16 steps.
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("data: ") and " train and " in x)
+    n_blocks = int(line.split()[1].replace(",", ""))
     steps_per_epoch = n_blocks // 16
     assert summary["steps"] == 2 * steps_per_epoch
     assert summary["epochs"] == pytest.approx(2.0)

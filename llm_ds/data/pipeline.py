@@ -1,0 +1,140 @@
+"""From ``cfg.data`` to documents per split, and to the cached token arrays.
+
+Sources are read and mixed, cleaned, then split: each document of the mixed, cleaned stream goes
+to validation by a seeded hash of its position (unless ``val_sources`` are given), so no document
+is in both splits and streaming and in-memory runs split alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from llm_ds.config import DataConfig
+from llm_ds.data import cache
+from llm_ds.data.packing import is_validation, iter_token_ids, token_dtype
+from llm_ds.data.preprocess import Preprocessor
+from llm_ds.data.sources import DataError, ReadStats, iter_source, mix_sources, source_files
+
+logger = logging.getLogger("llm_ds")
+SPLITS = ("train", "val")
+
+
+def iter_split(
+    cfg: DataConfig, split: str, seed: int, stats: ReadStats, pre: Preprocessor, streaming: bool = False
+) -> Iterator[str]:
+    """The documents of one split, in their fixed order."""
+    explicit_val = bool(cfg.val_sources)
+    sources = cfg.val_sources if split == "val" and explicit_val else cfg.train_sources()
+    iterators = [iter_source(s, cfg.text_field, stats, streaming) for s in sources]
+    docs = pre(mix_sources(iterators, [s.weight for s in sources], cfg.mix, seed))
+    if explicit_val:
+        yield from docs
+        return
+    want_val = split == "val"
+    for i, doc in enumerate(docs):
+        if is_validation(i, seed, cfg.val_fraction) == want_val:
+            yield doc
+
+
+def local_files(cfg: DataConfig) -> list[Path]:
+    return [f for s in (*cfg.train_sources(), *cfg.val_sources) for f in source_files(s)]
+
+
+def cache_key(cfg: DataConfig, tokenizer, seed: int) -> str:
+    spec = {
+        "sources": [dataclasses.asdict(s) for s in cfg.train_sources()],
+        "val_sources": [dataclasses.asdict(s) for s in cfg.val_sources],
+        "text_field": cfg.text_field,
+        "mix": cfg.mix,
+        "val_fraction": cfg.val_fraction,
+        "seed": seed,
+        "preprocess": [cfg.normalize_nfkc, cfg.strip_control, cfg.replace_urls, cfg.min_chars, cfg.dedup],
+        "block_size": cfg.block_size,
+        "packing": cfg.packing,
+    }
+    return cache.fingerprint(spec, local_files(cfg), tokenizer)
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    return (Path(cfg.cache_dir) if cfg.cache_dir else cache.default_cache_dir()) / "tokens"
+
+
+def iter_routed(cfg: DataConfig, seed: int, stats: ReadStats, pre: Preprocessor) -> Iterator[tuple[str, str]]:
+    """``(split, document)`` for every document, reading each source once."""
+    if cfg.val_sources:
+        for split in SPLITS:
+            yield from ((split, doc) for doc in iter_split(cfg, split, seed, stats, pre))
+        return
+    sources = cfg.train_sources()
+    iterators = [iter_source(s, cfg.text_field, stats) for s in sources]
+    for i, doc in enumerate(pre(mix_sources(iterators, [s.weight for s in sources], cfg.mix, seed))):
+        yield ("val" if is_validation(i, seed, cfg.val_fraction) else "train"), doc
+
+
+def build_arrays(cfg: DataConfig, tokenizer, seed: int) -> cache.Built:
+    """Read, clean, split and tokenize everything: packed streams, or padded rows and their lengths."""
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise DataError(f"tokenizer {cfg.tokenizer!r} has no EOS token to separate documents")
+    dtype = token_dtype(len(tokenizer))
+    stats, pre = ReadStats(), Preprocessor(cfg)
+    labels: deque[str] = deque()  # the split of each document handed to the tokenizer, in order
+
+    def docs() -> Iterator[str]:
+        for split, doc in iter_routed(cfg, seed, stats, pre):
+            labels.append(split)
+            yield doc
+
+    start = time.perf_counter()
+    rows: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    for ids in iter_token_ids(docs(), tokenizer, cfg.num_proc):
+        split = labels.popleft()
+        ids = [*ids, eos_id]
+        if not cfg.packing:
+            ids = ids[: cfg.block_size]
+        rows[split].append(np.asarray(ids, dtype=dtype))
+    info: dict = {
+        "read": dataclasses.asdict(stats),
+        "preprocess": dataclasses.asdict(pre.stats),
+        "seconds": time.perf_counter() - start,
+    }
+    arrays: dict[str, np.ndarray] = {}
+    for split in SPLITS:
+        kept = rows[split] if cfg.packing else [r for r in rows[split] if len(r) > 1]  # a 1-token row predicts nothing
+        arrays[split] = np.concatenate(kept) if kept else np.zeros(0, dtype=dtype)
+        if not cfg.packing:
+            arrays[f"{split}_lengths"] = np.asarray([len(r) for r in kept], dtype=np.uint32)
+        info[f"{split}_docs"], info[f"{split}_tokens"] = len(rows[split]), int(len(arrays[split]))
+    if info["train_docs"] == 0:
+        raise DataError(f"the data sources hold no usable training document ({describe(info)})")
+    return arrays, info
+
+
+def load_or_build_arrays(cfg: DataConfig, tokenizer, seed: int, is_builder: bool) -> cache.Built:
+    """The cached arrays for this config, built by ``is_builder`` on a miss while the others wait."""
+    key = cache_key(cfg, tokenizer, seed)
+    arrays, info = cache.load_or_build(cache_root(cfg), key, lambda: build_arrays(cfg, tokenizer, seed), is_builder)
+    info["cache_dir"] = str(cache_root(cfg) / key)
+    return arrays, info
+
+
+def describe(info: dict) -> str:
+    """One line on what the data build read and changed."""
+    read = info.get("read", {})
+    parts = [
+        f"{info['train_docs']:,} train / {info['val_docs']:,} validation documents",
+        f"{info['train_tokens']:,} / {info['val_tokens']:,} tokens",
+    ]
+    if read.get("bad_utf8_chars"):
+        parts.append(f"{read['bad_utf8_chars']:,} undecodable bytes replaced (U+FFFD)")
+    pre = {k: v for k, v in info.get("preprocess", {}).items() if v}
+    if pre:
+        parts.append("preprocessing: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in pre.items()))
+    return "; ".join(parts)
