@@ -1,0 +1,62 @@
+import json
+
+from llm_ds.cli import main
+
+
+def test_config_prints_the_resolved_pair(capsys):
+    assert (
+        main(
+            [
+                "config",
+                "--ds_config",
+                "ds_configs/zero3_offload.json",
+                "--world_size",
+                "4",
+                "--set",
+                "train.grad_accum_steps=2",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    ds = json.loads(out[out.index("{") : out.rindex("}") + 1])
+    assert ds["train_batch_size"] == 8 * 2 * 4
+    assert ds["zero_optimization"]["offload_param"]["nvme_path"] == "runs/tiny/nvme"
+
+
+def test_config_errors_exit_2_with_one_line(capsys):
+    assert main(["config", "--set", "train.lr=-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "`train.lr` must be > 0" in err[0]
+
+
+def test_prepare_builds_once_then_reuses(tmp_path, capsys):
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": f"Document {i % 40} " * 30}) + "\n" for i in range(50))
+    )  # 10 exact duplicates
+    args = [
+        "prepare",
+        "--set",
+        f"data.paths=[{tmp_path / 'docs.jsonl'}]",
+        "--set",
+        f"data.cache_dir={tmp_path / 'c'}",
+        "--set",
+        "data.dedup=true",
+    ]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("built in") and "preprocessing: duplicates 10" in first
+    assert main(args) == 0
+    second = capsys.readouterr().out
+    assert second.startswith("cached already") and str(tmp_path / "c" / "tokens") in second
+
+
+def test_prepare_reports_bad_data(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
+    assert (
+        main(
+            ["prepare", "--set", f"data.paths=[{tmp_path / 'bad.jsonl'}]", "--set", f"data.cache_dir={tmp_path / 'c'}"]
+        )
+        == 2
+    )
+    assert "bad.jsonl:1: no field 'text'" in capsys.readouterr().err
