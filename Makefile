@@ -61,7 +61,7 @@ train: install
 smoke: install
 	$(VENV)/bin/deepspeed $(RANKS_ARG) llm_ds/train.py --config $(CONFIG) --ds_config ds_configs/zero2.json \
 		--set train.max_steps=40 --set train.eval_interval=0 --set checkpoint.interval=0 \
-		--set train.run_name=smoke $(ARGS)
+		--set train.run_name=smoke --set checkpoint.resume=never $(ARGS)
 	$(PY) -c "import json,sys; s=json.load(open('runs/smoke/summary.json')); \
 		print('smoke: loss %.3f -> %.3f' % (s['first_train_loss'], s['final_eval_loss'])); \
 		sys.exit(0 if s['final_eval_loss'] < s['first_train_loss'] - 0.5 else 1)"

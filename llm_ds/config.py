@@ -227,9 +227,13 @@ class CheckpointConfig:
     interval: int = 100
     dir: str | None = None  # default <output_dir>/checkpoints
     save_final: bool = True
+    resume: str = "auto"  # auto: from the latest complete checkpoint if any; never; or a checkpoint folder
+    keep_last: int = 3  # complete checkpoints kept (0 keeps all); older ones go once a newer one is complete
+    save_trigger: str | None = None  # a file whose appearance makes the run save at the next step
 
     def validate(self) -> None:
         _check(self.interval >= 0, "checkpoint.interval", self.interval, "must be >= 0 (0: only at the end)")
+        _check(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "must be >= 0 (0 keeps all)")
 
 
 @dataclass

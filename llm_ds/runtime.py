@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from llm_ds.checkpoint import check_compatible, find_resume_point, list_checkpoints, step_of, verify
 from llm_ds.config import ConfigError, RunConfig, dump_run_config
 from llm_ds.ds_config import resolve_ds_config, resolve_precision, zero_stage
 
@@ -77,6 +78,8 @@ class Run:
     n_params: int
     ds_config: dict[str, Any]
     precision: str
+    tokenizer: Any
+    resume_from: Any  # the checkpoint folder to continue from, or None
 
 
 def compute_total_steps(cfg: RunConfig, n_train_samples: int | None, world_size: int) -> int:
@@ -168,18 +171,35 @@ def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Ru
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config
     )
-    return Run(engine, loaders.train, loaders.eval, total_steps, n_params, ds_config, precision)
+    resume_from = find_resume_point(cfg)
+    if resume_from is not None:
+        complete, _ = list_checkpoints(resume_from.parent)
+        earlier = [c for c in complete if step_of(c) < step_of(resume_from)]
+        verify(resume_from, earlier[-1] if earlier else None)
+        check_compatible(resume_from, cfg, world_size, tokenizer)
+    return Run(engine, loaders.train, loaders.eval, total_steps, n_params, ds_config, precision, tokenizer, resume_from)
 
 
 def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
-    """Train, then (rank 0) write ``summary.json`` and say where everything went."""
+    """Resume if there is a checkpoint, train, then (rank 0) write ``summary.json`` and say where everything went."""
     import deepspeed.comm as dist
 
+    from llm_ds import checkpoint
+    from llm_ds.control import Control
     from llm_ds.monitor import build_monitor
     from llm_ds.trainer import Trainer, write_summary
 
-    rank, _, world_size = dist_env()
+    rank, local_rank, world_size = dist_env()
     out = cfg.output_dir
+    manifest = checkpoint.build_manifest(world_size, start_time, run.tokenizer)
+
+    def saver(step: int, state: dict[str, Any]):
+        return checkpoint.save(run.engine, cfg, step, state, rank, local_rank, manifest, run.ds_config, run.tokenizer)
+
+    resumed = checkpoint.load(run.engine, run.resume_from, rank) if run.resume_from else None
+    resume_step = resumed["step"] if resumed else 0
+    if resumed:
+        logger.info("resuming from %s at step %d of %d", run.resume_from, resume_step, run.total_steps)
     texts = {"config/run": dump_run_config(cfg), "config/deepspeed": json.dumps(run.ds_config, indent=2)}
     monitor = build_monitor(
         cfg.logging,
@@ -189,24 +209,53 @@ def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
         rank == 0,
         texts,
         hparams={**cfg.to_dict(), "deepspeed": run.ds_config},
+        resume_step=resume_step,
     )
+    control = Control(rank, cfg.checkpoint.save_trigger)
+    trainer = Trainer(
+        cfg,
+        run.engine,
+        run.train_loader,
+        run.eval_loader,
+        monitor,
+        run.total_steps,
+        world_size,
+        run.n_params,
+        saver=saver,
+        control=control,
+        first_loss=monitor.first_train_loss(),
+    )
+    if resumed:
+        trainer.restore(resumed)
     try:
-        summary = Trainer(
-            cfg, run.engine, run.train_loader, run.eval_loader, monitor, run.total_steps, world_size, run.n_params
-        ).fit()
+        summary = trainer.fit()
     finally:
+        control.close()
         monitor.close()
-    summary.update(precision=run.precision, zero_stage=zero_stage(run.ds_config), wall_s=time.time() - start_time)
+    summary.update(
+        precision=run.precision,
+        zero_stage=zero_stage(run.ds_config),
+        wall_s=time.time() - start_time,
+        resumed_from=str(run.resume_from) if run.resume_from else None,
+        resumed_at_step=resume_step,
+    )
     if rank == 0:
         write_summary(out / "summary.json", summary)
-        logger.info(
-            "done: %d steps, train loss %.4f -> %.4f, eval loss %.4f (perplexity %.2f)",
-            summary["steps"],
-            summary["first_train_loss"],
-            summary["final_train_loss"],
-            summary["final_eval_loss"],
-            summary["eval_perplexity"],
-        )
+        if summary["final_eval_loss"] is not None and summary["first_train_loss"] is not None:
+            logger.info(
+                "done: %d steps, train loss %.4f -> %.4f, eval loss %.4f (perplexity %.2f)",
+                summary["steps"],
+                summary["first_train_loss"],
+                summary["final_train_loss"] or float("nan"),
+                summary["final_eval_loss"],
+                summary["eval_perplexity"],
+            )
+        else:
+            logger.info(
+                "done: %d steps%s",
+                summary["steps"],
+                " (the checkpoint was already at the last step)" if resume_step >= run.total_steps else "",
+            )
         logger.info(
             "summary: %s | checkpoints: %s | tensorboard: %s",
             out / "summary.json",

@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not this f
 import argparse  # noqa: E402
 import time  # noqa: E402
 
+from llm_ds.checkpoint import CheckpointError  # noqa: E402
 from llm_ds.config import ConfigError, load_run_config  # noqa: E402
 from llm_ds.data.sources import DataError  # noqa: E402
 from llm_ds.ds_config import load_ds_template, resolve_ds_config, resolve_precision  # noqa: E402
@@ -60,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         runtime.setup_logging(rank)
         runtime.init_distributed()
         run = runtime.build_run(cfg, template, ds_path or "zero1.json")
-    except (ConfigError, DataError) as exc:
+        return runtime.fit_and_report(cfg, run, start_time)
+    except (ConfigError, DataError, CheckpointError) as exc:
         print(f"llm_ds: error: {exc}", file=sys.stderr)
         return 2
-    return runtime.fit_and_report(cfg, run, start_time)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,15 @@ class Trainer:
         total_steps: int,
         world_size: int,
         n_params: int,
+        saver: Callable[[int, dict[str, Any]], Path] | None = None,
+        control=None,
+        first_loss: float | None = None,
     ):
+        """``saver(step, state)`` writes a checkpoint; ``control`` (``llm_ds.control.Control``) turns
+        signals and the save trigger into saves and a clean stop; ``first_loss`` is step 1's loss of
+        a run being resumed."""
         self.cfg, self.engine, self.monitor = cfg, engine, monitor
+        self.saver, self.control, self.first_loss = saver, control, first_loss
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.total_steps, self.world_size, self.n_params = total_steps, world_size, n_params
         self.state = TrainState()
@@ -95,13 +103,22 @@ class Trainer:
         self.engine.train()
         return (sums[0] / sums[1]).item()
 
-    def save_checkpoint(self) -> Path:
-        save_dir = self.cfg.checkpoint_dir
-        tag = f"global_step{self.state.step}"
-        client_state = {"llm_ds": {**asdict(self.state), "data": self.train_loader.state_dict()}}
-        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state)
-        logger.info("saved checkpoint %s", save_dir / tag)
-        return save_dir / tag
+    def training_state(self) -> dict[str, Any]:
+        """What a checkpoint must hold to continue exactly: counters and the data position."""
+        return {**asdict(self.state), "data": self.train_loader.state_dict()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's ``training_state()``."""
+        self.state = TrainState(**{k: state[k] for k in ("step", "tokens_seen", "real_tokens_seen")})
+        self.train_loader.load_state_dict(state["data"])
+        self._batches = iter(self.train_loader)
+
+    def save_checkpoint(self) -> Path | None:
+        if self.saver is None:
+            return None
+        path = self.saver(self.state.step, self.training_state())
+        logger.info("saved checkpoint %s", path)
+        return path
 
     def _global_sum(self, values: list[torch.Tensor]) -> list[float]:
         """One all-reduce for several per-rank values; the only host sync of a log point."""
@@ -124,7 +141,7 @@ class Trainer:
         interval_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         interval_steps, interval_start = 0, time.perf_counter()
         train_time_s, timed_tokens = 0.0, 0
-        first_loss = last_loss = eval_loss = None
+        first_loss, last_loss, eval_loss, stopped_by = self.first_loss, None, None, None
         while self.state.step < self.total_steps:
             interval_loss += self.train_step()
             interval_steps += 1
@@ -160,10 +177,20 @@ class Trainer:
                 self.monitor.log_eval(
                     {"step": step, "eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50.0))}
                 )
-            if (ckpt_every and step % ckpt_every == 0) or (step == self.total_steps and cfg.checkpoint.save_final):
+            save_now, stop_now = self.control.poll(step) if self.control else (False, False)
+            scheduled = (ckpt_every and step % ckpt_every == 0) or (
+                step == self.total_steps and cfg.checkpoint.save_final
+            )
+            if scheduled or save_now:
                 self.save_checkpoint()
             # Evaluation and checkpoint time does not count as step time.
             interval_start += time.perf_counter() - pause_start
+            if stop_now:
+                from llm_ds.control import stop_reason
+
+                stopped_by = stop_reason(self.control) or "another rank's signal"
+                logger.info("stopped after step %d (%s), checkpoint saved", step, stopped_by)
+                break
         return {
             "steps": self.state.step,
             "world_size": self.world_size,
@@ -180,6 +207,7 @@ class Trainer:
             "block_size": cfg.data.block_size,
             "epochs": self._epochs(),
             "real_token_fraction": self.state.real_tokens_seen / max(1, self.state.tokens_seen),
+            "stopped_by": stopped_by,
         }
 
 

@@ -39,8 +39,15 @@ class JsonlSink(Sink):
 
     name = "metrics.jsonl"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_step: int = 0):
+        # A resumed run keeps the history up to its checkpoint and drops what a crashed run logged after it.
+        kept = []
+        if resume_step and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+        self.first_train_loss = next((json.loads(x)["train/loss"] for x in kept if '"train/loss"' in x), None)
         self.file = open(path, "w", encoding="utf-8")
+        self.file.writelines(line + "\n" for line in kept)
+        self.file.flush()
 
     def write(self, record):
         self.file.write(json.dumps(record) + "\n")
@@ -53,10 +60,11 @@ class JsonlSink(Sink):
 class TensorBoardSink(Sink):
     name = "tensorboard"
 
-    def __init__(self, log_dir: Path, texts: dict[str, str]):
+    def __init__(self, log_dir: Path, texts: dict[str, str], resume_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # purge_step hides what a crashed run logged after the checkpoint being resumed.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if resume_step else None)
         for tag, text in texts.items():
             self.writer.add_text(tag, f"```\n{text}\n```", 0)
 
@@ -95,6 +103,10 @@ class Monitor:
         self.sinks = sinks
         self.total_steps = total_steps
 
+    def first_train_loss(self) -> float | None:
+        """Step 1's loss, from the history a resumed run kept (rank 0; None elsewhere or when fresh)."""
+        return next((s.first_train_loss for s in self.sinks if isinstance(s, JsonlSink)), None)
+
     def log_train(self, record: dict[str, Any]) -> None:
         logger.info(format_console_line(record, self.total_steps))
         self._write(record)
@@ -132,14 +144,15 @@ def build_monitor(
     is_rank_zero: bool,
     texts: dict[str, str],
     hparams: dict[str, Any],
+    resume_step: int = 0,
 ) -> Monitor:
     """Rank 0 gets every configured sink; other ranks get a monitor that writes nowhere."""
     if not is_rank_zero:
         return Monitor([], total_steps)
-    sinks: list[Sink] = [JsonlSink(out_dir / "metrics.jsonl")]
+    sinks: list[Sink] = [JsonlSink(out_dir / "metrics.jsonl", resume_step)]
     factories = []
     if cfg.tensorboard:
-        factories.append(("tensorboard", lambda: TensorBoardSink(out_dir / "tensorboard", texts)))
+        factories.append(("tensorboard", lambda: TensorBoardSink(out_dir / "tensorboard", texts, resume_step)))
     if cfg.wandb:
         factories.append(("wandb", lambda: WandbSink(cfg.wandb_project, run_name, out_dir, hparams)))
     for name, make in factories:
