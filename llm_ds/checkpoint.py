@@ -173,6 +173,7 @@ def save(
         _write_json(ours / "ds_config.json", ds_config)
         (ours / "config.yaml").write_text(dump_run_config(cfg))
         tokenizer.save_pretrained(str(ours / "tokenizer"))
+        engine.module.config.save_pretrained(str(ours / "hf_config"))  # the model's shape, for export
     dist.barrier()  # every rank's shards and RNG states are on disk
     if rank == 0:
         files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}

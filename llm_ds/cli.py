@@ -123,7 +123,64 @@ def prepare_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (train_command_parser, config_command_parser, prepare_command_parser)
+def export_command_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face model folder",
+        description="Consolidate a checkpoint of any ZeRO stage into config.json, model.safetensors, tokenizer "
+        "files and generation_config.json, loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR).",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint folder (global_step<N>) or a checkpoints folder (its latest)")
+    parser.add_argument("out_dir")
+    parser.set_defaults(func=export_command)
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from llm_ds.checkpoint import CheckpointError
+    from llm_ds.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir)
+    except CheckpointError as exc:
+        print(f"llm-ds: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} to {out}")
+    return 0
+
+
+def generate_command_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="sample text from a checkpoint or an export", description="Sample a continuation of a prompt."
+    )
+    parser.add_argument("path", help="an export folder, a checkpoint folder, or a checkpoints folder")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=generate_command)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from llm_ds.checkpoint import CheckpointError
+    from llm_ds.export import generate
+
+    try:
+        text = generate(args.path, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    except CheckpointError as exc:
+        print(f"llm-ds: error: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+COMMANDS = (
+    train_command_parser,
+    config_command_parser,
+    prepare_command_parser,
+    export_command_parser,
+    generate_command_parser,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

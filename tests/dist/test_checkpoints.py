@@ -1,0 +1,143 @@
+"""Checkpoint behaviour with real runs: export, signals, the save trigger, keep_last, and refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_driver
+from tests.dist.test_resume import rank_process, start_driver
+
+pytestmark = pytest.mark.dist
+
+
+def base_args(out, data_cache, stage=1, steps=30) -> list[str]:
+    return ["--ds_config", f"ds_configs/zero{stage}.json", "--set", "data.block_size=64",
+            "--set", "train.micro_batch_size=4", "--set", f"train.max_steps={steps}", "--set", "train.warmup_steps=5",
+            "--set", "train.eval_interval=0", "--set", "train.eval_max_batches=2", "--set", "logging.log_interval=5",
+            "--set", "checkpoint.interval=10", "--set", f"train.output_dir={out}", "--set", f"data.cache_dir={data_cache}"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data_cache):
+    """A 2-rank ZeRO-1 run of 30 steps, checkpoints at 10, 20, 30 (keep_last 2 keeps 20 and 30)."""
+    out = tmp_path_factory.mktemp("finished")
+    proc = run_driver(base_args(out, data_cache) + ["--set", "checkpoint.keep_last=2"], ranks=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_keep_last_and_the_manifest(finished):
+    ckpts = finished / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("global_step*")) == ["global_step20", "global_step30"]
+    assert (ckpts / "latest").read_text() == "global_step30"
+    ours = ckpts / "global_step30" / "llm_ds"
+    manifest = json.loads((ours / "manifest.json").read_text())
+    for key in ("git_commit", "git_dirty", "python", "torch", "deepspeed", "transformers", "world_size",
+                "start_time", "tokenizer_fingerprint"):
+        assert key in manifest
+    assert manifest["world_size"] == 2
+    state = json.loads((ours / "state.json").read_text())
+    assert state["step"] == 30 and state["data"] == {"epoch": 0, "consumed": 30 * 4}
+    assert {p.name for p in ours.glob("rng_rank*.json")} == {"rng_rank0.json", "rng_rank1.json"}
+    assert (ours / "tokenizer" / "tokenizer.json").is_file() and (ours / "config.yaml").is_file()
+
+
+def test_export_loads_and_matches_the_training_weights(finished, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "llm_ds.cli", "export", str(finished / "checkpoints"), str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (out / name).is_file(), name
+    exported = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    # ZeRO-1 keeps the whole module in mp_rank_00_model_states.pt: the engine's own weights (DeepSpeed's file).
+    module = torch.load(finished / "checkpoints" / "global_step30" / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    trained = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    trained.load_state_dict(module, strict=False)
+    trained.tie_weights()
+    ids = torch.randint(0, 8192, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+    gen = [sys.executable, "-m", "llm_ds.cli", "generate", "--prompt", "The tutorial", "--max-new-tokens", "12",
+           "--seed", "3"]
+    from_export = subprocess.run(gen[:4] + [str(out)] + gen[4:], capture_output=True, text=True, cwd=ROOT)
+    from_ckpt = subprocess.run(gen[:4] + [str(finished / "checkpoints" / "global_step30")] + gen[4:],
+                               capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert from_export.returncode == 0 and from_ckpt.returncode == 0, from_ckpt.stderr[-2000:]
+    assert from_export.stdout.startswith("The tutorial") and from_export.stdout == from_ckpt.stdout
+
+
+def test_sigterm_and_save_trigger(tmp_path, data_cache):
+    out, trigger = tmp_path / "run", tmp_path / "save-now"
+    args = base_args(out, data_cache, steps=400) + ["--set", "checkpoint.interval=0",
+                                                    "--set", f"checkpoint.save_trigger={trigger}"]
+    proc = start_driver(args)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and '"step": 5,' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    trigger.touch()
+    while not list((out / "checkpoints").glob("global_step*/COMPLETE")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    assert not trigger.exists()
+    triggered = json.loads(next((out / "checkpoints").glob("global_step*/COMPLETE")).read_text())["step"]
+    for local_rank in (0, 1):  # as a scheduler signals every process of the job
+        rank_process(proc, local_rank).send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and triggered < summary["steps"] < 400
+    assert (out / "checkpoints" / "latest").read_text() == f"global_step{summary['steps']}"
+    assert (out / "checkpoints" / f"global_step{summary['steps']}" / "COMPLETE").is_file()
+
+
+def test_truncated_shard_is_named_and_the_previous_checkpoint_still_works(finished, tmp_path, data_cache):
+    out = copy_run(finished, tmp_path / "run")
+    shard = out / "checkpoints" / "global_step30" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    args = base_args(out, data_cache, steps=40) + ["--set", "checkpoint.keep_last=2"]
+    proc = run_driver(args, ranks=2)
+    assert proc.returncode != 0 and "| epoch" not in proc.stdout
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is 1000 bytes" in proc.stderr
+    previous = out / "checkpoints" / "global_step20"
+    assert f"checkpoint.resume={previous}" in proc.stderr
+    proc = run_driver(args + ["--set", f"checkpoint.resume={previous}"], ranks=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resuming from {previous} at step 20" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "change, ranks, expected",
+    [
+        ([], None, "was written by 2 rank(s) and this run has 1; resume with 2 rank(s)"),
+        (["--set", "model.n_layer=2"], 2, "model.n_layer: 4 in the checkpoint, 2 now"),
+        (["--set", "data.block_size=32"], 2, "data.block_size: 64 in the checkpoint, 32 now"),
+    ],
+)
+def test_mismatched_resume_is_refused(finished, tmp_path, data_cache, change, ranks, expected):
+    out = copy_run(finished, tmp_path / "run")
+    args = base_args(out, data_cache, steps=40)
+    if ranks is None:
+        args += ["--set", "train.micro_batch_size=8"]
+    proc = run_driver(args + change, ranks=ranks)
+    assert proc.returncode != 0 and "| epoch" not in proc.stdout
+    assert expected in proc.stderr, proc.stderr[-2000:]
