@@ -163,17 +163,23 @@ def save(
     if rank == 0 and path.exists():
         shutil.rmtree(path)  # a partial save of this step from a crashed run
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"llm_ds_step": step}, save_latest=False)
-    ours = path / OURS
-    ours.mkdir(parents=True, exist_ok=True)
-    _write_json(ours / f"rng_rank{rank}.json", rng_state())
-    if rank == 0:
-        _write_json(ours / "state.json", state)
-        _write_json(ours / "manifest.json", manifest)
-        _write_json(ours / "ds_config.json", ds_config)
-        (ours / "config.yaml").write_text(dump_run_config(cfg))
-        tokenizer.save_pretrained(str(ours / "tokenizer"))
-        engine.module.config.save_pretrained(str(ours / "hf_config"))  # the model's shape, for export
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"llm_ds_step": step}, save_latest=False)
+        ours = path / OURS
+        ours.mkdir(parents=True, exist_ok=True)
+        _write_json(ours / f"rng_rank{rank}.json", rng_state())
+        if rank == 0:
+            _write_json(ours / "state.json", state)
+            _write_json(ours / "manifest.json", manifest)
+            _write_json(ours / "ds_config.json", ds_config)
+            (ours / "config.yaml").write_text(dump_run_config(cfg))
+            tokenizer.save_pretrained(str(ours / "tokenizer"))
+            engine.module.config.save_pretrained(str(ours / "hf_config"))  # the model's shape, for export
+    except (OSError, RuntimeError) as exc:  # a full disk surfaces as either, depending on the writer
+        pointer = ckpt_dir / LATEST
+        kept = pointer.read_text().strip() if pointer.is_file() else None
+        raise CheckpointError(f"saving checkpoint {path} failed on rank {rank} ({str(exc).splitlines()[0]}); "
+                              f"the latest pointer still names {kept or 'no checkpoint'}, which is intact") from None
     dist.barrier()  # every rank's shards and RNG states are on disk
     if rank == 0:
         files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}

@@ -141,3 +141,27 @@ def test_mismatched_resume_is_refused(finished, tmp_path, data_cache, change, ra
     proc = run_driver(args + change, ranks=ranks)
     assert proc.returncode != 0 and "| epoch" not in proc.stdout
     assert expected in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_full_disk_during_save_keeps_the_previous_checkpoint(finished, tmp_path, data_cache):
+    import os
+    import resource
+
+    from llm_ds.checkpoint import verify
+    from tests.conftest import DEEPSPEED, free_port
+
+    out = copy_run(finished, tmp_path / "run")
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "llm_ds" / "train.py"),
+           *base_args(out, data_cache, steps=40)]
+    limit = 4 << 20  # files may grow to 4 MB: the log files can, the 7-11 MB shards cannot
+
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ},
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode != 0
+    assert "saving checkpoint" in proc.stderr and "the latest pointer still names global_step30" in proc.stderr
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "global_step30"
+    assert not (ckpts / "global_step40" / "COMPLETE").exists()
+    verify(ckpts / "global_step30", None)  # every file as it was saved
+    rerun = run_driver(base_args(out, data_cache, steps=40), ranks=2)
+    assert rerun.returncode == 0 and "at step 30" in rerun.stdout, rerun.stderr[-2000:]
