@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_ds.config import ConfigError, RunConfig, dump_run_config
+from llm_ds.monitor.metrics import redact
 
 logger = logging.getLogger("llm_ds")
 COMPLETE = "COMPLETE"
@@ -171,15 +172,17 @@ def save(
         if rank == 0:
             _write_json(ours / "state.json", state)
             _write_json(ours / "manifest.json", manifest)
-            _write_json(ours / "ds_config.json", ds_config)
-            (ours / "config.yaml").write_text(dump_run_config(cfg))
+            _write_json(ours / "ds_config.json", redact(ds_config))
+            (ours / "config.yaml").write_text(redact(dump_run_config(cfg)))
             tokenizer.save_pretrained(str(ours / "tokenizer"))
             engine.module.config.save_pretrained(str(ours / "hf_config"))  # the model's shape, for export
     except (OSError, RuntimeError) as exc:  # a full disk surfaces as either, depending on the writer
         pointer = ckpt_dir / LATEST
         kept = pointer.read_text().strip() if pointer.is_file() else None
-        raise CheckpointError(f"saving checkpoint {path} failed on rank {rank} ({str(exc).splitlines()[0]}); "
-                              f"the latest pointer still names {kept or 'no checkpoint'}, which is intact") from None
+        raise CheckpointError(
+            f"saving checkpoint {path} failed on rank {rank} ({str(exc).splitlines()[0]}); "
+            f"the latest pointer still names {kept or 'no checkpoint'}, which is intact"
+        ) from None
     dist.barrier()  # every rank's shards and RNG states are on disk
     if rank == 0:
         files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}

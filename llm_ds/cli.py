@@ -174,12 +174,36 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_command_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="plot a run's loss, learning rate and throughput to a PNG",
+        description="Read RUN_DIR/metrics.jsonl and write a PNG (no TensorBoard needed).",
+    )
+    parser.add_argument("run_dir")
+    parser.add_argument("--out", help="the PNG to write (default: RUN_DIR/report.png)")
+    parser.set_defaults(func=report_command)
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from llm_ds.monitor.report import write_report
+
+    try:
+        out = write_report(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"llm-ds: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
 COMMANDS = (
     train_command_parser,
     config_command_parser,
     prepare_command_parser,
     export_command_parser,
     generate_command_parser,
+    report_command_parser,
 )
 
 

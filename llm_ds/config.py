@@ -212,6 +212,7 @@ class LoggingConfig:
     """Where rank 0 reports."""
 
     log_interval: int = 10
+    peak_tflops: float | None = None  # per device, for MFU; default: looked up by GPU name (none on CPU)
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "llm-ds"

@@ -135,11 +135,3 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # ZeRO-3 partitions are 1-D
             (decay if ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def flops_per_token(n_params: int, n_positions_params: int, n_layer: int, n_embd: int, block_size: int) -> int:
-    """Training FLOPs per token, 6N + 12·L·d·T (PaLM appendix B, as nanoGPT applies it).
-
-    ``N`` excludes the position embeddings; the tied token embedding counts, being the output layer too.
-    """
-    return 6 * (n_params - n_positions_params) + 12 * n_layer * n_embd * block_size

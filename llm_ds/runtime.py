@@ -29,6 +29,7 @@ def dist_env() -> tuple[int, int, int]:
 def setup_logging(rank: int) -> None:
     """Rank 0 prints our lines plainly; other ranks only warnings, tagged with their rank."""
     handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(_RedactSecrets())
     handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(message)s"))
     for name in ("llm_ds", "llm_ds.data.cache"):
         log = logging.getLogger(name)
@@ -37,6 +38,16 @@ def setup_logging(rank: int) -> None:
         log.propagate = name != "llm_ds"
     # DeepSpeed's own INFO lines repeat per rank; LLM_DS_DEEPSPEED_LOG=info brings them back.
     logging.getLogger("DeepSpeed").setLevel(os.environ.get("LLM_DS_DEEPSPEED_LOG", "WARNING").upper())
+
+
+class _RedactSecrets(logging.Filter):
+    """Mask the values of secret environment variables (``*_TOKEN``, ``*_KEY``, ...) in every line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from llm_ds.monitor.metrics import redact
+
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
 
 
 def _free_port() -> int:
@@ -130,10 +141,12 @@ def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Ru
     )
     ds_config = resolve_ds_config(ds_template, cfg, world_size, precision, total_steps, ds_source)
     if rank == 0:
+        from llm_ds.monitor.metrics import redact
+
         out = cfg.output_dir
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_run_config(cfg))
-        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        (out / "config.yaml").write_text(redact(dump_run_config(cfg)))
+        (out / "ds_config.json").write_text(redact(json.dumps(ds_config, indent=2)) + "\n")
     n_train = f"{loaders.n_train_samples:,}" if loaders.n_train_samples is not None else "streamed"
     logger.info(
         "data: %s train and %s validation samples of %d tokens; %d steps of %d sequences",
@@ -180,6 +193,21 @@ def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Ru
     return Run(engine, loaders.train, loaders.eval, total_steps, n_params, ds_config, precision, tokenizer, resume_from)
 
 
+def perf_model(cfg: RunConfig, run: Run) -> tuple[int, float | None]:
+    """Training FLOPs per token of this model, and the device's peak TFLOP/s (None where unknown)."""
+    import torch
+
+    from llm_ds.monitor.metrics import peak_tflops, training_flops_per_token
+
+    mc = run.engine.module.config
+    n_embd = getattr(mc, "n_embd", None) or mc.hidden_size
+    n_layer = getattr(mc, "n_layer", None) or mc.num_hidden_layers
+    n_positions = getattr(mc, "n_positions", 0)  # GPT-2's learned position table (not in rotary models)
+    flops = training_flops_per_token(run.n_params, n_positions * n_embd, n_layer, n_embd, cfg.data.block_size)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return flops, peak_tflops(device, run.precision, cfg.logging.peak_tflops)
+
+
 def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
     """Resume if there is a checkpoint, train, then (rank 0) write ``summary.json`` and say where everything went."""
     import deepspeed.comm as dist
@@ -187,6 +215,7 @@ def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
     from llm_ds import checkpoint
     from llm_ds.control import Control
     from llm_ds.monitor import build_monitor
+    from llm_ds.monitor.metrics import redact
     from llm_ds.trainer import Trainer, write_summary
 
     rank, local_rank, world_size = dist_env()
@@ -194,6 +223,7 @@ def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
     manifest = checkpoint.build_manifest(world_size, start_time, run.tokenizer)
 
     def saver(step: int, state: dict[str, Any]):
+        state = {**state, "wandb_run_id": monitor.wandb_run_id()}
         return checkpoint.save(run.engine, cfg, step, state, rank, local_rank, manifest, run.ds_config, run.tokenizer)
 
     resumed = checkpoint.load(run.engine, run.resume_from, rank) if run.resume_from else None
@@ -210,8 +240,10 @@ def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
         texts,
         hparams={**cfg.to_dict(), "deepspeed": run.ds_config},
         resume_step=resume_step,
+        wandb_run_id=resumed.get("wandb_run_id") if resumed else None,
     )
     control = Control(rank, cfg.checkpoint.save_trigger)
+    flops, peak = perf_model(cfg, run)
     trainer = Trainer(
         cfg,
         run.engine,
@@ -224,6 +256,8 @@ def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
         saver=saver,
         control=control,
         first_loss=monitor.first_train_loss(),
+        flops_per_token=flops,
+        peak_tflops=peak,
     )
     if resumed:
         trainer.restore(resumed)
@@ -240,7 +274,7 @@ def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
         resumed_at_step=resume_step,
     )
     if rank == 0:
-        write_summary(out / "summary.json", summary)
+        write_summary(out / "summary.json", redact(summary))
         if summary["final_eval_loss"] is not None and summary["first_train_loss"] is not None:
             logger.info(
                 "done: %d steps, train loss %.4f -> %.4f, eval loss %.4f (perplexity %.2f)",

@@ -16,12 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed.comm as dist
+import psutil
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from llm_ds.config import RunConfig
 from llm_ds.monitor import Monitor
+from llm_ds.monitor.metrics import mfu, straggler
 
 logger = logging.getLogger("llm_ds")
+STRAGGLER_LAG = 0.2  # a rank this much slower than the median, three log points running, is named
 
 
 @dataclass
@@ -52,12 +56,18 @@ class Trainer:
         saver: Callable[[int, dict[str, Any]], Path] | None = None,
         control=None,
         first_loss: float | None = None,
+        flops_per_token: int | None = None,
+        peak_tflops: float | None = None,
     ):
         """``saver(step, state)`` writes a checkpoint; ``control`` (``llm_ds.control.Control``) turns
         signals and the save trigger into saves and a clean stop; ``first_loss`` is step 1's loss of
         a run being resumed."""
         self.cfg, self.engine, self.monitor = cfg, engine, monitor
         self.saver, self.control, self.first_loss = saver, control, first_loss
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self._data_wait_s = 0.0  # this rank's time waiting for batches since the last log point
+        self._slowest: list[int] = []  # the slowest rank at recent log points
+        self.peak_memory_bytes = 0
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.total_steps, self.world_size, self.n_params = total_steps, world_size, n_params
         self.state = TrainState()
@@ -69,7 +79,10 @@ class Trainer:
         self._real_tokens = torch.zeros((), device=self.device, dtype=torch.float64)  # this rank, since the last log
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self._batches).items()}
+        start = time.perf_counter()
+        host_batch = next(self._batches)
+        self._data_wait_s += time.perf_counter() - start
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in host_batch.items()}
         mask = batch.get("attention_mask")
         self._real_tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
         return batch
@@ -120,11 +133,74 @@ class Trainer:
         logger.info("saved checkpoint %s", path)
         return path
 
-    def _global_sum(self, values: list[torch.Tensor]) -> list[float]:
-        """One all-reduce for several per-rank values; the only host sync of a log point."""
-        stacked = torch.stack([v.detach().double().reshape(()) for v in values])
-        dist.all_reduce(stacked)
-        return stacked.tolist()
+    def _gather_ranks(self, values: list[torch.Tensor | float]) -> list[list[float]]:
+        """Every rank's values, on every rank: one all-gather, the only host sync of a log point."""
+        row = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in values])
+        rows = [torch.zeros_like(row) for _ in range(self.world_size)]
+        dist.all_gather(rows, row)
+        return [r.tolist() for r in rows]
+
+    def _log_record(self, step: int, interval_steps: int, elapsed: float, interval_loss: torch.Tensor) -> dict:
+        """The metrics of one log point, from every rank's numbers (see README, Observability)."""
+        accel = get_accelerator()
+        rss = psutil.Process().memory_info().rss
+        rows = self._gather_ranks(
+            [
+                interval_loss / interval_steps,
+                self._real_tokens,
+                elapsed,
+                self._data_wait_s,
+                accel.max_memory_allocated(),
+                accel.max_memory_reserved(),
+                rss,
+            ]
+        )
+        self._real_tokens.zero_()
+        self._data_wait_s = 0.0
+        losses, real, times, waits, alloc, reserved, rsses = (list(col) for col in zip(*rows, strict=True))
+        tokens = interval_steps * self.tokens_per_step
+        self.state.real_tokens_seen += int(sum(real))
+        tokens_per_s = tokens / max(times)  # the job moves at the pace of its slowest rank
+        record = {
+            "step": step,
+            "train/epoch": self.train_loader.epoch + 1,
+            # The global mean weighted by each rank's real tokens (equal weights when packed).
+            "train/loss": sum(loss * n for loss, n in zip(losses, real, strict=True)) / sum(real),
+            "train/rank_losses": losses,
+            "train/lr": float(self.engine.get_lr()[0]),
+            "train/tokens_seen": self.state.tokens_seen,
+            "perf/ms_per_step": 1000 * max(times) / interval_steps,
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/samples_per_s": tokens_per_s / self.cfg.data.block_size,
+            "data/real_token_fraction": sum(real) / tokens,
+            "data/samples_consumed": self.train_loader.consumed,
+            "data/wait_fraction": max(w / t for w, t in zip(waits, times, strict=True) if t > 0),
+            "mem/max_allocated_bytes": max(alloc),
+            "mem/max_reserved_bytes": max(reserved),
+            "mem/host_rss_bytes": max(rsses),
+        }
+        self.peak_memory_bytes = max(self.peak_memory_bytes, int(max(alloc)))
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            record["train/grad_norm"] = float(grad_norm)
+        if self.engine.fp16_enabled():
+            record["train/loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", 0.0))
+            record["train/skipped_steps"] = int(self.engine.skipped_steps)
+        if self.flops_per_token:
+            per_device = tokens_per_s / self.world_size
+            record["perf/tflops_per_device"] = per_device * self.flops_per_token / 1e12
+            value = mfu(per_device, self.flops_per_token, self.peak_tflops)
+            if value is not None:
+                record["perf/mfu"] = value
+        if self.world_size > 1:
+            slowest, lag = straggler([1000 * t / interval_steps for t in times])
+            record["perf/slowest_rank"], record["perf/straggler_lag"] = slowest, lag
+            self._slowest = [*self._slowest[-2:], slowest if lag > STRAGGLER_LAG else -1]
+            if len(self._slowest) == 3 and len(set(self._slowest)) == 1 and slowest >= 0:
+                logger.warning(
+                    "rank %d has been the slowest for 3 log points, %.0f%% behind the median rank", slowest, 100 * lag
+                )
+        return record
 
     def _epochs(self) -> float | None:
         per_epoch = self.train_loader.batches_per_epoch()
@@ -147,28 +223,15 @@ class Trainer:
             interval_steps += 1
             step = self.state.step
             if step == 1 or step % log_every == 0 or step == self.total_steps:
-                loss_sum, real_tokens = self._global_sum([interval_loss / interval_steps, self._real_tokens])
-                last_loss = loss_sum / self.world_size
-                self._real_tokens.zero_()
-                self.state.real_tokens_seen += int(real_tokens)
+                get_accelerator().synchronize()  # queued device work belongs to this interval's time
                 elapsed = time.perf_counter() - interval_start
+                record = self._log_record(step, interval_steps, elapsed, interval_loss)
+                last_loss = record["train/loss"]
                 first_loss = last_loss if first_loss is None else first_loss
                 if step > 1:  # the first step carries one-off warm-up costs
                     train_time_s += elapsed
                     timed_tokens += interval_steps * self.tokens_per_step
-                self.monitor.log_train(
-                    {
-                        "step": step,
-                        "train/epoch": self.train_loader.epoch + 1,
-                        "train/loss": last_loss,
-                        "train/lr": float(self.engine.get_lr()[0]),
-                        "train/tokens_seen": self.state.tokens_seen,
-                        "perf/ms_per_step": 1000 * elapsed / interval_steps,
-                        "perf/tokens_per_s": interval_steps * self.tokens_per_step / elapsed,
-                        "data/real_token_fraction": real_tokens / (interval_steps * self.tokens_per_step),
-                        "data/samples_consumed": self.train_loader.consumed,
-                    }
-                )
+                self.monitor.log_train(record)
                 interval_loss.zero_()
                 interval_steps, interval_start = 0, time.perf_counter()
             pause_start = time.perf_counter()
@@ -208,6 +271,10 @@ class Trainer:
             "epochs": self._epochs(),
             "real_token_fraction": self.state.real_tokens_seen / max(1, self.state.tokens_seen),
             "stopped_by": stopped_by,
+            "mfu": mfu(timed_tokens / train_time_s / self.world_size, self.flops_per_token, self.peak_tflops)
+            if train_time_s > 0 and self.flops_per_token
+            else None,
+            "peak_memory_bytes": self.peak_memory_bytes,
         }
 
 

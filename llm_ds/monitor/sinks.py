@@ -12,17 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from llm_ds.config import LoggingConfig
+from llm_ds.monitor.metrics import redact
 
 logger = logging.getLogger("llm_ds")
 
 
 def format_console_line(r: dict[str, Any], total_steps: int) -> str:
-    """The seed's line shape, extended: ``| epoch | step/total | lr | ms/step | tokens/s | loss``."""
+    """The seed's line shape, extended: ``| epoch | step/total | lr | ms/step | tokens/s | [mfu] | loss | [gnorm]``."""
     width = len(str(total_steps))
+    mfu = f" | mfu {100 * r['perf/mfu']:4.1f}%" if "perf/mfu" in r else ""
+    gnorm = f" | gnorm {r['train/grad_norm']:.2f}" if "train/grad_norm" in r else ""
     return (
         f"| epoch {r['train/epoch']:3d} | step {r['step']:{width}d}/{total_steps} | lr {r['train/lr']:.2e} "
-        f"| ms/step {r['perf/ms_per_step']:8.1f} | tokens/s {r['perf/tokens_per_s']:>9,.0f} "
-        f"| loss {r['train/loss']:.4f}"
+        f"| ms/step {r['perf/ms_per_step']:8.1f} | tokens/s {r['perf/tokens_per_s']:>9,.0f}{mfu} "
+        f"| loss {r['train/loss']:.4f}{gnorm}"
     )
 
 
@@ -83,14 +86,25 @@ class WandbSink(Sink):
 
     name = "wandb"
 
-    def __init__(self, project: str, run_name: str, out_dir: Path, config: dict[str, Any]):
+    def __init__(self, project: str, run_name: str, out_dir: Path, config: dict[str, Any], run_id: str | None):
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        self.run = wandb.init(project=project, name=run_name, dir=str(out_dir), config=config, mode=mode)
+        # A resumed run continues the same W&B run.
+        self.run = wandb.init(
+            project=project,
+            name=run_name,
+            dir=str(out_dir),
+            config=config,
+            mode=mode,
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
 
     def write(self, record):
-        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        self.run.log(
+            {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=record["step"]
+        )
 
     def close(self):
         self.run.finish()
@@ -102,6 +116,9 @@ class Monitor:
     def __init__(self, sinks: list[Sink], total_steps: int):
         self.sinks = sinks
         self.total_steps = total_steps
+
+    def wandb_run_id(self) -> str | None:
+        return next((s.run.id for s in self.sinks if isinstance(s, WandbSink)), None)
 
     def first_train_loss(self) -> float | None:
         """Step 1's loss, from the history a resumed run kept (rank 0; None elsewhere or when fresh)."""
@@ -145,16 +162,21 @@ def build_monitor(
     texts: dict[str, str],
     hparams: dict[str, Any],
     resume_step: int = 0,
+    wandb_run_id: str | None = None,
 ) -> Monitor:
-    """Rank 0 gets every configured sink; other ranks get a monitor that writes nowhere."""
+    """Rank 0 gets every configured sink; other ranks get a monitor that writes nowhere.
+
+    Config texts and hyperparameters are redacted: no secret from the environment reaches a sink.
+    """
     if not is_rank_zero:
         return Monitor([], total_steps)
+    texts, hparams = redact(texts), redact(hparams)
     sinks: list[Sink] = [JsonlSink(out_dir / "metrics.jsonl", resume_step)]
     factories = []
     if cfg.tensorboard:
         factories.append(("tensorboard", lambda: TensorBoardSink(out_dir / "tensorboard", texts, resume_step)))
     if cfg.wandb:
-        factories.append(("wandb", lambda: WandbSink(cfg.wandb_project, run_name, out_dir, hparams)))
+        factories.append(("wandb", lambda: WandbSink(cfg.wandb_project, run_name, out_dir, hparams, wandb_run_id)))
     for name, make in factories:
         try:
             sinks.append(make())

@@ -1,0 +1,86 @@
+"""Pure functions behind the numbers: FLOPs, MFU, peak throughput by device, rank aggregation, redaction."""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+from typing import Any
+
+# Dense peak TFLOP/s per device for 16-bit matmuls (bf16/fp16 tensor cores, no sparsity), from the
+# vendors' datasheets; fp32 runs use the TF32 figure where the card has one. Matched by substring
+# of the accelerator's name, most specific first.
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("GH200", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0}),
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 183.0}),
+    ("A10G", {"bf16": 70.0, "fp16": 70.0, "fp32": 35.0}),
+    ("A10", {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 60.0}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+    ("T4", {"fp16": 65.0, "fp32": 8.1}),
+    ("RTX 4090", {"bf16": 165.0, "fp16": 165.0, "fp32": 82.6}),
+    ("RTX 3090", {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6}),
+]
+
+SECRET_NAME = re.compile(r"(API_KEY|_TOKEN|_KEY|_SECRET|PASSWORD)$|^HF_TOKEN$|^WANDB_API_KEY$", re.IGNORECASE)
+REDACTED = "***"
+
+
+def training_flops_per_token(n_params: int, n_position_params: int, n_layer: int, n_embd: int, seq_len: int) -> int:
+    """6N + 12·L·d·T (PaLM appendix B, as nanoGPT applies it).
+
+    N excludes the position embeddings; the tied token embedding counts, since it is also the
+    output layer. The second term is attention's score and value matmuls.
+    """
+    return 6 * (n_params - n_position_params) + 12 * n_layer * n_embd * seq_len
+
+
+def peak_tflops(device_name: str, precision: str, override: float | None = None) -> float | None:
+    """A device's peak TFLOP/s for the precision, or ``override``; None when unknown (no MFU shown)."""
+    if override:
+        return override
+    for key, peaks in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peaks.get(precision) or peaks.get("fp16")
+    return None
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak."""
+    if not peak:
+        return None
+    return tokens_per_s_per_device * flops_per_token / (peak * 1e12)
+
+
+def straggler(step_ms: list[float]) -> tuple[int, float]:
+    """The slowest rank and its lag over the median rank, as a fraction (0.25 = 25% slower)."""
+    slowest = max(range(len(step_ms)), key=lambda r: step_ms[r])
+    median = statistics.median(step_ms)
+    return slowest, (step_ms[slowest] / median - 1.0) if median > 0 else 0.0
+
+
+def secret_values(environ: dict[str, str] | None = None) -> list[str]:
+    """Values of environment variables that hold secrets (``*_TOKEN``, ``*_KEY``, ``*_SECRET``, ...)."""
+    environ = os.environ if environ is None else environ
+    return sorted({v for k, v in environ.items() if SECRET_NAME.search(k) and len(v) >= 6}, key=len, reverse=True)
+
+
+def redact(obj: Any, secrets: list[str] | None = None) -> Any:
+    """A copy of ``obj`` (str, dict, list) with every secret value and secret-named key's value masked."""
+    secrets = secret_values() if secrets is None else secrets
+    if isinstance(obj, str):
+        for s in secrets:
+            obj = obj.replace(s, REDACTED)
+        return obj
+    if isinstance(obj, dict):
+        return {
+            k: (REDACTED if isinstance(k, str) and SECRET_NAME.search(k) and v else redact(v, secrets))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v, secrets) for v in obj)
+    return obj
