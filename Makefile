@@ -9,7 +9,7 @@ DS_CONFIG ?= ds_configs/zero2.json
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps test test-unit lint format train smoke bench-data clean
+.PHONY: install sysdeps test test-unit lint format train smoke bench-data bench-logging clean
 
 install: $(STAMP)
 
@@ -69,6 +69,10 @@ smoke: install
 # Data pipeline figures: tokenize+pack throughput, padding waste, cache; writes bench/results/data.json.
 bench-data: install
 	$(PY) bench/bench_data.py
+
+# The per-step cost of logging: log_interval 1 versus 100; writes bench/results/logging.json.
+bench-logging: install
+	$(PY) bench/bench_logging.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

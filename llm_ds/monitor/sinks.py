@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,31 @@ class WandbSink(Sink):
         self.run.finish()
 
 
+class ProgressSink(Sink):
+    """A progress bar with ETA on rank 0's terminal (stderr), advanced at each log point."""
+
+    name = "progress"
+
+    def __init__(self, total_steps: int, initial: int = 0, stream=None):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=total_steps, initial=initial, unit="step", dynamic_ncols=True, file=stream or sys.stderr, leave=True
+        )
+
+    def write(self, record):
+        if "train/loss" in record:
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['train/loss']:.4f}", refresh=False)
+
+    def close(self):
+        self.bar.close()
+
+
+def is_terminal(stream) -> bool:
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
 class Monitor:
     """Fans records out to sinks; a sink that raises is reported once and dropped, never fatal."""
 
@@ -175,6 +201,8 @@ def build_monitor(
     factories = []
     if cfg.tensorboard:
         factories.append(("tensorboard", lambda: TensorBoardSink(out_dir / "tensorboard", texts, resume_step)))
+    if is_terminal(sys.stderr):  # plain lines only where the output is a log file (CI, schedulers)
+        factories.append(("progress", lambda: ProgressSink(total_steps, resume_step)))
     if cfg.wandb:
         factories.append(("wandb", lambda: WandbSink(cfg.wandb_project, run_name, out_dir, hparams, wandb_run_id)))
     for name, make in factories:

@@ -93,3 +93,52 @@ def test_console_line_shape():
     )
     del record["perf/mfu"], record["train/grad_norm"]
     assert "mfu" not in format_console_line(record, 1000) and "gnorm" not in format_console_line(record, 1000)
+
+
+def test_a_failing_sink_warns_once_and_training_goes_on(caplog):
+    from llm_ds.monitor.sinks import Monitor, Sink
+
+    class Broken(Sink):
+        name = "broken"
+        calls = 0
+
+        def write(self, record):
+            Broken.calls += 1
+            raise OSError("No space left on device")
+
+    class Good(Sink):
+        name = "good"
+        seen: list = []
+
+        def write(self, record):
+            Good.seen.append(record["step"])
+
+    monitor = Monitor([Broken(), Good()], total_steps=10)
+    record = {
+        "step": 1,
+        "train/epoch": 1,
+        "train/lr": 0.1,
+        "perf/ms_per_step": 1.0,
+        "perf/tokens_per_s": 1.0,
+        "train/loss": 1.0,
+    }
+    for step in (1, 2, 3):
+        monitor.log_train({**record, "step": step})
+    assert Broken.calls == 1 and Good.seen == [1, 2, 3]
+    warnings = [r for r in caplog.records if "metrics sink broken failed" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0].getMessage()
+
+
+def test_progress_bar_advances_to_each_log_point():
+    import io
+
+    from llm_ds.monitor.sinks import ProgressSink
+
+    stream = io.StringIO()
+    bar = ProgressSink(total_steps=100, initial=20, stream=stream)
+    for step in (30, 40):
+        bar.write({"step": step, "train/loss": 2.5})
+    bar.write({"step": 40, "eval/loss": 2.0})  # eval records do not move it
+    assert bar.bar.n == 40
+    bar.close()
+    assert "40/100" in stream.getvalue() and "loss=2.5000" in stream.getvalue()
