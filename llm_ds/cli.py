@@ -101,7 +101,6 @@ def prepare_command(args: argparse.Namespace) -> int:
 
     from llm_ds.data import cache
     from llm_ds.data.pipeline import cache_key, cache_root, describe, load_or_build_arrays
-    from llm_ds.data.sources import DataError
     from llm_ds.model import build_tokenizer
 
     cfg = load_run_config(args.config, args.overrides)
@@ -112,11 +111,7 @@ def prepare_command(args: argparse.Namespace) -> int:
     key = cache_key(cfg.data, tokenizer, cfg.train.seed)
     hit = (cache_root(cfg.data) / key / cache.DONE_MARK).exists()
     start = time.perf_counter()
-    try:
-        _, info = load_or_build_arrays(cfg.data, tokenizer, cfg.train.seed, is_builder=True)
-    except DataError as exc:
-        print(f"llm-ds: error: {exc}", file=sys.stderr)
-        return 2
+    _, info = load_or_build_arrays(cfg.data, tokenizer, cfg.train.seed, is_builder=True)
     size_mb = cache.cache_size_bytes(cache_root(cfg.data), key) / 1e6
     print(f"{'cached already' if hit else 'built'} in {time.perf_counter() - start:.1f} s: {describe(info)}")
     print(f"cache: {info['cache_dir']} ({size_mb:.1f} MB)")
@@ -136,14 +131,9 @@ def export_command_parser(subparsers) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from llm_ds.checkpoint import CheckpointError
     from llm_ds.export import export_checkpoint
 
-    try:
-        out = export_checkpoint(args.checkpoint, args.out_dir)
-    except CheckpointError as exc:
-        print(f"llm-ds: error: {exc}", file=sys.stderr)
-        return 2
+    out = export_checkpoint(args.checkpoint, args.out_dir)
     print(f"exported {args.checkpoint} to {out}")
     return 0
 
@@ -162,14 +152,9 @@ def generate_command_parser(subparsers) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from llm_ds.checkpoint import CheckpointError
     from llm_ds.export import generate
 
-    try:
-        text = generate(args.path, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    except CheckpointError as exc:
-        print(f"llm-ds: error: {exc}", file=sys.stderr)
-        return 2
+    text = generate(args.path, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     print(text)
     return 0
 
@@ -188,11 +173,7 @@ def report_command_parser(subparsers) -> None:
 def report_command(args: argparse.Namespace) -> int:
     from llm_ds.monitor.report import write_report
 
-    try:
-        out = write_report(args.run_dir, args.out)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"llm-ds: error: {exc}", file=sys.stderr)
-        return 2
+    out = write_report(args.run_dir, args.out)
     print(f"wrote {out}")
     return 0
 
@@ -221,9 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from llm_ds.checkpoint import CheckpointError
+    from llm_ds.data.sources import DataError
+    from llm_ds.monitor.report import ReportError
+
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, DataError, CheckpointError, ReportError) as exc:  # the user's input: one line, no trace
         print(f"llm-ds: error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,10 +6,14 @@ import json
 from pathlib import Path
 
 
+class ReportError(ValueError):
+    """A run directory that cannot be plotted."""
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (is {run_dir} a run directory?)")
+        raise ReportError(f"{path}: no such file (is {run_dir} a run directory?)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -25,7 +29,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     train = [r for r in records if "train/loss" in r]
     evals = [r for r in records if "eval/loss" in r]
     if not train:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no training records yet")
+        raise ReportError(f"{run_dir / 'metrics.jsonl'} holds no training records yet")
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     axes[0].plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train loss")
     if evals:

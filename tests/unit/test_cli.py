@@ -60,3 +60,24 @@ def test_prepare_reports_bad_data(tmp_path, capsys):
         == 2
     )
     assert "bad.jsonl:1: no field 'text'" in capsys.readouterr().err
+
+
+def test_report_of_a_folder_without_metrics(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "metrics.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_report_draws_a_png(tmp_path, capsys):
+    records = [
+        {"step": s, "train/loss": 9 - s / 10, "train/lr": s * 1e-4, "perf/tokens_per_s": 1000 + s}
+        for s in (1, 10, 20, 30)
+    ] + [{"step": 30, "eval/loss": 6.5, "eval/perplexity": 665.1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["report", str(tmp_path)]) == 0
+    png = (tmp_path / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_export_of_a_folder_that_is_no_checkpoint(tmp_path, capsys):
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "not a complete llm-ds checkpoint" in capsys.readouterr().err
