@@ -210,7 +210,6 @@ def perf_model(cfg: RunConfig, run: Run) -> tuple[int, float | None]:
 
 def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
     """Resume if there is a checkpoint, train, then (rank 0) write ``summary.json`` and say where everything went."""
-    import deepspeed.comm as dist
 
     from llm_ds import checkpoint
     from llm_ds.control import Control
@@ -228,6 +227,16 @@ def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
 
     resumed = checkpoint.load(run.engine, run.resume_from, rank) if run.resume_from else None
     resume_step = resumed["step"] if resumed else 0
+    if resumed and resume_step >= run.total_steps:
+        # Nothing left to train: the finished run's outputs, summary.json included, stay as they are.
+        logger.info(
+            "%s is already at step %d of %d: nothing to train (--set checkpoint.resume=never starts over)",
+            run.resume_from,
+            resume_step,
+            run.total_steps,
+        )
+        _finish()
+        return 0
     if resumed:
         logger.info("resuming from %s at step %d of %d", run.resume_from, resume_step, run.total_steps)
     texts = {"config/run": dump_run_config(cfg), "config/deepspeed": json.dumps(run.ds_config, indent=2)}
@@ -285,21 +294,23 @@ def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
                 summary["eval_perplexity"],
             )
         else:
-            logger.info(
-                "done: %d steps%s",
-                summary["steps"],
-                " (the checkpoint was already at the last step)" if resume_step >= run.total_steps else "",
-            )
+            logger.info("done: %d steps", summary["steps"])
         logger.info(
             "summary: %s | checkpoints: %s | tensorboard: %s",
             out / "summary.json",
             cfg.checkpoint_dir,
             out / "tensorboard",
         )
-    dist.barrier()
-    # Tear the process group down before the interpreter does, so no communication thread outlives it.
+    _finish()
+    return 0
+
+
+def _finish() -> None:
+    """Wait for every rank, then tear the process group down before the interpreter does, so no
+    communication thread outlives it."""
+    import deepspeed.comm as dist
     import torch.distributed
 
+    dist.barrier()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    return 0

@@ -165,3 +165,12 @@ def test_a_full_disk_during_save_keeps_the_previous_checkpoint(finished, tmp_pat
     verify(ckpts / "global_step30", None)  # every file as it was saved
     rerun = run_driver(base_args(out, data_cache, steps=40), ranks=2)
     assert rerun.returncode == 0 and "at step 30" in rerun.stdout, rerun.stderr[-2000:]
+
+
+def test_rerunning_a_finished_run_changes_nothing(finished, tmp_path, data_cache):
+    out = copy_run(finished, tmp_path / "run")
+    before = {p: p.read_bytes() for p in (out / "summary.json", out / "metrics.jsonl")}
+    proc = run_driver(base_args(out, data_cache) + ["--set", "checkpoint.keep_last=2"], ranks=2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "is already at step 30 of 30: nothing to train" in proc.stdout and "| epoch" not in proc.stdout
+    assert all(p.read_bytes() == data for p, data in before.items())
