@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from launcher.dsconfig import DSConfigError, check_top_level_keys
 from llm_ds.config import PACKAGE_DIR, ConfigError, RunConfig
 
 AUTO = "auto"
@@ -32,6 +33,10 @@ def load_ds_template(path: str | Path | None) -> dict[str, Any]:
         raise ConfigError(f"DeepSpeed config {path}: invalid JSON at line {exc.lineno} column {exc.colno}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"DeepSpeed config {path}: top level must be a JSON object")
+    try:
+        check_top_level_keys(config, str(path))
+    except DSConfigError as exc:
+        raise ConfigError(str(exc)) from None
     return config
 
 

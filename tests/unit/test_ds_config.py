@@ -119,3 +119,44 @@ def test_template_errors(tmp_path):
     bad.write_text('{"train_batch_size": 4,\n "zero_optimization": }')
     with pytest.raises(ConfigError, match=r"bad.json: invalid JSON at line 2"):
         load_ds_template(bad)
+
+
+@pytest.mark.parametrize(
+    "key, hint",
+    [
+        ("zero_optimisation", "did you mean `zero_optimization`?"),
+        ("train_batchsize", "did you mean `train_batch_size`?"),
+        ("gradient_clip", "did you mean `gradient_clipping`?"),
+        ("frobnicate", ""),
+    ],
+)
+def test_unknown_top_level_key_is_refused(tmp_path, key, hint):
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", key: {"stage": 2}}))
+    with pytest.raises(ConfigError) as err:
+        load_ds_template(path)
+    assert f"typo.json: unknown top-level key `{key}` (DeepSpeed would ignore it){hint}" in str(err.value)
+
+
+def test_every_key_deepspeed_reads_is_accepted(tmp_path):
+    keys = [
+        "tensorboard",
+        "wandb",
+        "csv_monitor",
+        "comms_logger",
+        "flops_profiler",
+        "activation_checkpointing",
+        "elasticity",
+        "autotuning",
+        "compile",
+        "data_types",
+        "checkpoint",
+        "torch_autocast",
+        "aio",
+        "communication_data_type",
+        "zero_allow_untested_optimizer",
+        "prescale_gradients",
+    ]
+    path = tmp_path / "many.json"
+    path.write_text(json.dumps({k: {} for k in keys}))
+    assert set(load_ds_template(path)) == set(keys)
