@@ -135,7 +135,8 @@ def test_unknown_top_level_key_is_refused(tmp_path, key, hint):
     path.write_text(json.dumps({"train_batch_size": "auto", key: {"stage": 2}}))
     with pytest.raises(ConfigError) as err:
         load_ds_template(path)
-    assert f"typo.json: unknown top-level key `{key}` (DeepSpeed would ignore it){hint}" in str(err.value)
+    suffix = f"; {hint}" if hint else ""
+    assert str(err.value).endswith(f"typo.json: unknown top-level key `{key}` (DeepSpeed would ignore it){suffix}")
 
 
 def test_every_key_deepspeed_reads_is_accepted(tmp_path):
