@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from launcher.cli import launch_command_parser
+from launcher.hostfile import HostfileError
 from llm_ds.config import ConfigError, dump_run_config, load_run_config
 from llm_ds.ds_config import find_auto, load_ds_template, resolve_ds_config, resolve_precision
 
@@ -185,6 +187,7 @@ COMMANDS = (
     export_command_parser,
     generate_command_parser,
     report_command_parser,
+    launch_command_parser,
 )
 
 
@@ -208,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, ReportError) as exc:  # the user's input: one line, no trace
+    except (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        ReportError,
+        HostfileError,
+    ) as exc:  # the user's input: one line, no trace
         print(f"llm-ds: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,110 @@
+"""``llm-ds launch``: check everything that costs a cluster hour when wrong, then start DeepSpeed's runner."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+from launcher.command import LAUNCHERS, LaunchSpec, build_command, propagated_env, world_size, write_env_file
+from launcher.hostfile import HostfileError, parse_hostfile
+
+
+def launch_command_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "launch",
+        help="validate a multi-node launch, then start the deepspeed runner",
+        description="Check the hostfile, the run config and DeepSpeed config together (batch arithmetic over "
+        "all ranks, unknown keys, the NVMe path) before any node starts; then run DeepSpeed's runner with "
+        "llm_ds/train.py, propagating NCCL_*, GLOO_*, HF_*, WANDB_* and --env names to every node.",
+    )
+    parser.add_argument("--hostfile", help="DeepSpeed hostfile (default: this node only)")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="pdsh")
+    parser.add_argument("--include", help="hosts/slots to use, as the runner spells it: host1:0,1@host2")
+    parser.add_argument("--exclude", help="hosts/slots to leave out, same spelling")
+    parser.add_argument("--num_gpus", type=int, help="ranks on this node when there is no hostfile")
+    parser.add_argument("--master_addr")
+    parser.add_argument("--master_port", type=int)
+    parser.add_argument("--node_rank", type=int, help="with --launcher no-ssh: this node's rank")
+    parser.add_argument(
+        "--env",
+        dest="env_names",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another environment variable to propagate; repeatable",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the command and environment, start nothing")
+    parser.add_argument("--config", help="run config YAML")
+    parser.add_argument("--ds_config", help="DeepSpeed JSON template (default: ds_configs/zero1.json)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.set_defaults(func=launch_command)
+
+
+def validate(args: argparse.Namespace) -> tuple[LaunchSpec, Path]:
+    """Every check, in the order a user would fix them; returns the spec and the run's output folder."""
+    from llm_ds.config import ConfigError, load_run_config
+    from llm_ds.ds_config import load_ds_template, resolve_ds_config, resolve_precision, uses_nvme
+
+    hosts = parse_hostfile(args.hostfile) if args.hostfile else None
+    if args.launcher == "no-ssh" and (args.node_rank is None or not args.master_addr):
+        raise HostfileError("--launcher no-ssh needs --node_rank and --master_addr on every node")
+    train_args = [
+        *(["--config", args.config] if args.config else []),
+        *(["--ds_config", args.ds_config] if args.ds_config else []),
+        *[a for o in args.overrides for a in ("--set", o)],
+    ]
+    spec = LaunchSpec(
+        hosts=hosts,
+        hostfile=Path(args.hostfile).resolve() if args.hostfile else None,
+        launcher=args.launcher,
+        include=args.include,
+        exclude=args.exclude,
+        num_gpus=args.num_gpus,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        node_rank=args.node_rank,
+        train_args=train_args,
+        env_names=args.env_names,
+    )
+    ranks = world_size(spec)
+    if ranks < 1:
+        raise HostfileError(f"--include/--exclude leave no rank to run (hostfile {args.hostfile})")
+    cfg = load_run_config(args.config, args.overrides)
+    template = load_ds_template(args.ds_config)
+    precision = resolve_precision(cfg.train.precision, template, "cpu", False, False)
+    ds = resolve_ds_config(template, cfg, ranks, precision, None, args.ds_config or "zero1.json")
+    if uses_nvme(ds):
+        nvme = Path(cfg.train.nvme_path) if cfg.train.nvme_path else cfg.output_dir / "nvme"
+        probe = next((p for p in (nvme, *nvme.parents) if p.exists()), None)
+        if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK):
+            raise ConfigError(f"train.nvme_path={nvme}: not writable here ({probe} is the nearest existing path)")
+    return spec, cfg.output_dir
+
+
+def launch_command(args: argparse.Namespace) -> int:
+    from llm_ds.monitor.metrics import redact
+
+    spec, output_dir = validate(args)
+    argv = build_command(spec)
+    env = propagated_env(dict(os.environ), spec.env_names)
+    env_file = (output_dir / ".deepspeed_env").resolve()
+    if args.dry_run:
+        print(shlex.join(argv))
+        print(f"# {world_size(spec)} rank(s); propagated to every node through {env_file}:")
+        for name, value in env.items():
+            print(f"{name}={redact(value) if name not in _secret_names(env) else '***'}")
+        return 0
+    write_env_file(env_file, env)
+    run_env = {**os.environ, "DS_ENV_FILE": str(env_file)}
+    if spec.hostfile:
+        run_env["LLM_DS_HOSTFILE"] = str(spec.hostfile)
+    return subprocess.run(argv, env=run_env).returncode
+
+
+def _secret_names(env: dict[str, str]) -> set[str]:
+    from llm_ds.monitor.metrics import SECRET_NAME
+
+    return {k for k in env if SECRET_NAME.search(k)}

@@ -1,0 +1,118 @@
+"""The DeepSpeed runner command for a launch, built by pure functions that tests call directly."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher.hostfile import Host, HostfileError
+
+LAUNCHERS = ("pdsh", "openmpi", "slurm", "no-ssh")
+PROPAGATED_PREFIXES = ("NCCL_", "GLOO_", "HF_", "WANDB_")
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "llm_ds" / "train.py"
+_RESOURCE = re.compile(r"^(?P<host>[A-Za-z0-9][A-Za-z0-9._:-]*?)(?::(?P<slots>\d+(?:,\d+)*))?$")
+
+
+@dataclass
+class LaunchSpec:
+    """What ``llm-ds launch`` was asked to start."""
+
+    hosts: list[Host] | None  # from the hostfile; None: one node, ``num_gpus`` ranks
+    hostfile: Path | None = None
+    launcher: str = "pdsh"
+    include: str | None = None
+    exclude: str | None = None
+    num_gpus: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    node_rank: int | None = None  # no-ssh: this node's rank, given per node
+    train_args: list[str] = field(default_factory=list)  # --config, --ds_config, --set ... for the driver
+    env_names: list[str] = field(default_factory=list)  # extra variables to propagate
+
+
+def parse_resources(text: str, hosts: list[Host], flag: str) -> dict[str, list[int]]:
+    """``host1:0,1@host2`` as the runner spells it: host -> slot indices, checked against the hostfile."""
+    by_name = {h.name: h for h in hosts}
+    out: dict[str, list[int]] = {}
+    for part in text.split("@"):
+        m = _RESOURCE.match(part)
+        if not m:
+            raise HostfileError(f"{flag} {text!r}: {part!r} is not host or host:slot,slot")
+        name = m["host"]
+        if name not in by_name:
+            raise HostfileError(f"{flag} {text!r}: host {name!r} is not in the hostfile ({', '.join(by_name)})")
+        slots = [int(s) for s in m["slots"].split(",")] if m["slots"] else list(range(by_name[name].slots))
+        bad = [s for s in slots if s >= by_name[name].slots]
+        if bad:
+            raise HostfileError(f"{flag} {text!r}: {name} has slots 0-{by_name[name].slots - 1}, not {bad}")
+        out[name] = slots
+    return out
+
+
+def world_size(spec: LaunchSpec) -> int:
+    """Total ranks the launch will start: the selected slots of the hostfile, or ``num_gpus``."""
+    if spec.hosts is None:
+        return spec.num_gpus or 1
+    if spec.include and spec.exclude:
+        raise HostfileError("--include and --exclude cannot be used together")
+    if spec.include:
+        return sum(len(s) for s in parse_resources(spec.include, spec.hosts, "--include").values())
+    total = {h.name: h.slots for h in spec.hosts}
+    if spec.exclude:
+        for name, slots in parse_resources(spec.exclude, spec.hosts, "--exclude").items():
+            total[name] -= len(set(slots))
+    return sum(total.values())
+
+
+def is_this_node_only(hosts: list[Host] | None) -> bool:
+    """A hostfile naming only this machine: DeepSpeed's runner would insist on ssh to itself for it."""
+    local = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
+    return hosts is not None and len(hosts) == 1 and hosts[0].name in local
+
+
+def build_command(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
+    """The runner's argv (no shell ever sees it). A hostfile of this node alone runs locally, without ssh."""
+    argv = [python, "-m", "deepspeed.launcher.runner"]
+    if is_this_node_only(spec.hosts) and spec.launcher == "pdsh":
+        local = LaunchSpec(
+            hosts=None,
+            num_gpus=world_size(spec),
+            launcher="pdsh",
+            master_port=spec.master_port,
+            train_args=spec.train_args,
+        )
+        return build_command(local, python)
+    if spec.hostfile is not None:
+        argv += ["--hostfile", str(spec.hostfile)]
+    if spec.include:
+        argv += ["--include", spec.include]
+    if spec.exclude:
+        argv += ["--exclude", spec.exclude]
+    if spec.num_gpus is not None and spec.hosts is None:
+        argv += ["--num_gpus", str(spec.num_gpus)]
+    if spec.launcher in ("openmpi", "slurm"):
+        argv += ["--launcher", spec.launcher]
+    if spec.launcher == "no-ssh":
+        argv += ["--no_ssh", "--node_rank", str(spec.node_rank or 0)]
+    if spec.master_addr:
+        argv += ["--master_addr", spec.master_addr]
+    if spec.master_port:
+        argv += ["--master_port", str(spec.master_port)]
+    return [*argv, str(TRAIN_SCRIPT), *spec.train_args]
+
+
+def propagated_env(environ: dict[str, str], extra_names: list[str]) -> dict[str, str]:
+    """The variables every node gets: NCCL_*, GLOO_*, HF_*, WANDB_* and the names asked for."""
+    return {k: v for k, v in sorted(environ.items()) if k.startswith(PROPAGATED_PREFIXES) or k in extra_names}
+
+
+def write_env_file(path: Path, env: dict[str, str]) -> None:
+    """DeepSpeed's ``.deepspeed_env`` format, one ``NAME=value`` a line, readable by the user only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"{k}={v}\n" for k, v in env.items())

@@ -1,0 +1,141 @@
+import os
+import stat
+import sys
+
+import pytest
+
+from launcher.command import LaunchSpec, build_command, propagated_env, world_size, write_env_file
+from launcher.hostfile import Host, HostfileError
+from llm_ds.cli import main
+
+HOSTS = [Host("node-a", 8), Host("node-b", 8), Host("10.0.0.3", 4)]
+
+
+@pytest.mark.parametrize(
+    "include, exclude, expected",
+    [
+        (None, None, 20),
+        ("node-a", None, 8),
+        ("node-a:0,1@10.0.0.3", None, 6),
+        (None, "node-b", 12),
+        (None, "node-a:0,1,2@10.0.0.3", 13),
+    ],
+)
+def test_world_size_follows_include_and_exclude(include, exclude, expected):
+    assert world_size(LaunchSpec(hosts=HOSTS, include=include, exclude=exclude)) == expected
+
+
+@pytest.mark.parametrize(
+    "include, expected",
+    [
+        ("node-c", "host 'node-c' is not in the hostfile"),
+        ("node-a:8", "node-a has slots 0-7, not [8]"),
+        ("node-a;reboot", "is not host or host:slot,slot"),
+    ],
+)
+def test_bad_resources(include, expected):
+    with pytest.raises(HostfileError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        world_size(LaunchSpec(hosts=HOSTS, include=include))
+
+
+def test_commands_per_launcher(tmp_path):
+    hostfile = tmp_path / "hosts"
+    common = {"hosts": HOSTS, "hostfile": hostfile, "train_args": ["--ds_config", "ds_configs/zero3.json"]}
+    pdsh = build_command(LaunchSpec(**common), python="py")
+    assert pdsh[:5] == ["py", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile)]
+    assert pdsh[-3:] == [pdsh[-3], "--ds_config", "ds_configs/zero3.json"] and pdsh[-3].endswith("llm_ds/train.py")
+    assert "--launcher" not in pdsh  # pdsh is the runner's default
+    assert build_command(LaunchSpec(**common, launcher="slurm"), "py")[5:7] == ["--launcher", "slurm"]
+    assert build_command(LaunchSpec(**common, launcher="openmpi"), "py")[5:7] == ["--launcher", "openmpi"]
+    no_ssh = build_command(
+        LaunchSpec(**common, launcher="no-ssh", node_rank=1, master_addr="10.0.0.1", master_port=29600), "py"
+    )
+    assert no_ssh[5:13] == [
+        "--no_ssh",
+        "--node_rank",
+        "1",
+        "--master_addr",
+        "10.0.0.1",
+        "--master_port",
+        "29600",
+        no_ssh[12],
+    ]
+    local = build_command(LaunchSpec(hosts=None, num_gpus=2), "py")
+    assert local[3:5] == ["--num_gpus", "2"]
+    # A hostfile of this machine alone: a local launch, no ssh to itself.
+    this_node = build_command(LaunchSpec(hosts=[Host("localhost", 2)], hostfile=hostfile, master_port=29500), "py")
+    assert this_node[3:7] == ["--num_gpus", "2", "--master_port", "29500"] and "--hostfile" not in this_node
+
+
+def test_propagated_environment_and_its_file(tmp_path):
+    environ = {
+        "NCCL_DEBUG": "INFO",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "HF_HOME": "/hf",
+        "WANDB_API_KEY": "k" * 12,
+        "PATH": "/bin",
+        "MY_VAR": "1",
+        "HOME": "/root",
+    }
+    env = propagated_env(environ, ["MY_VAR"])
+    assert set(env) == {"NCCL_DEBUG", "GLOO_SOCKET_IFNAME", "HF_HOME", "WANDB_API_KEY", "MY_VAR"}
+    path = tmp_path / "run" / ".deepspeed_env"
+    write_env_file(path, env)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert "NCCL_DEBUG=INFO\n" in path.read_text()
+
+
+def test_dry_run_prints_the_command_and_masks_secrets(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secretvalue42")
+    monkeypatch.setenv("NCCL_DEBUG", "WARN")
+    (tmp_path / "hosts").write_text("node-a slots=2\nnode-b slots=2\n")
+    assert (
+        main(
+            [
+                "launch",
+                "--hostfile",
+                str(tmp_path / "hosts"),
+                "--dry-run",
+                "--ds_config",
+                "ds_configs/zero2.json",
+                "--set",
+                f"train.output_dir={tmp_path / 'run'}",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"{sys.executable} -m deepspeed.launcher.runner --hostfile ")
+    assert "# 4 rank(s)" in out and "HF_TOKEN=***" in out and "NCCL_DEBUG=WARN" in out
+    assert "hf_secretvalue42" not in out
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize(
+    "hostfile, args, expected",
+    [
+        ("a slots=2\n$(reboot) slots=2\n", [], "hosts:2: host '$(reboot)' is not a DNS name"),
+        ("a slots=2\nb c slots=2\n", [], "hosts:2: expected '<host> slots=<n>'"),
+        ("a slots=2\nb slots=0\n", [], "hosts:2: slots=0 for b"),
+        ("a slots=2\nb slots=2\n", ["--include", "c"], "host 'c' is not in the hostfile"),
+        ("a slots=2\nb slots=2\n", ["--ds_config", "{bad_batch}"], "train_batch_size=12 but"),
+        ("a slots=2\nb slots=2\n", ["--ds_config", "{typo}"], "unknown top-level key `zero_optimisation`"),
+        ("a slots=2\n", ["--launcher", "no-ssh"], "--launcher no-ssh needs --node_rank and --master_addr"),
+        (
+            "a slots=2\n",
+            ["--ds_config", "ds_configs/zero3_offload.json", "--set", "train.nvme_path={typo}/nvme"],
+            "/nvme: not writable here",
+        ),
+    ],
+)
+def test_bad_launches_stop_with_one_line(tmp_path, capsys, hostfile, args, expected):
+    import json
+
+    (tmp_path / "hosts").write_text(hostfile)
+    (tmp_path / "bad_batch.json").write_text(json.dumps({"train_batch_size": 12}))
+    (tmp_path / "typo.json").write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
+    args = [a.format(bad_batch=tmp_path / "bad_batch.json", typo=tmp_path / "typo.json") for a in args]
+    rc = main(["launch", "--hostfile", str(tmp_path / "hosts"), *args, "--set", f"train.output_dir={tmp_path}/r"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "r").exists()
