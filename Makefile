@@ -9,7 +9,7 @@ DS_CONFIG ?= ds_configs/zero2.json
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps test test-unit lint format train smoke bench-data bench-logging clean
+.PHONY: install sysdeps test test-unit lint format train smoke bench-data bench-logging docker clean
 
 install: $(STAMP)
 
@@ -73,6 +73,10 @@ bench-data: install
 # The per-step cost of logging: log_interval 1 versus 100; writes bench/results/logging.json.
 bench-logging: install
 	$(PY) bench/bench_logging.py
+
+# The image for cloud GPU nodes (needs a Docker engine).
+docker:
+	docker build -f docker/Dockerfile -t llm-ds:latest .
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
