@@ -9,7 +9,7 @@ DS_CONFIG ?= ds_configs/zero2.json
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps test test-unit lint format train smoke bench-data bench-logging docker clean
+.PHONY: install sysdeps test test-unit lint format train smoke bench-data bench-logging docker smoke-multinode clean
 
 install: $(STAMP)
 
@@ -27,17 +27,23 @@ $(STAMP): setup.cfg pyproject.toml
 	@$(MAKE) --no-print-directory sysdeps
 	@touch $@
 
-# libaio for NVMe offload (DeepSpeed's async_io op), from apt where we are root.
+# System packages, from apt where we are root: libaio for NVMe offload (DeepSpeed's async_io op);
+# pdsh and OpenSSH for multi-node launches and the two-node tests.
 sysdeps:
-	@if [ -f /usr/include/libaio.h ]; then :; \
+	@missing=""; \
+	[ -f /usr/include/libaio.h ] || missing="$$missing libaio-dev"; \
+	command -v pdsh >/dev/null || missing="$$missing pdsh"; \
+	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	command -v ssh >/dev/null || missing="$$missing openssh-client"; \
+	if [ -z "$$missing" ]; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		echo "installing libaio-dev (NVMe offload)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev >/dev/null; \
+		echo "installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	else \
-		echo "warning: libaio-dev is missing; NVMe offload (zero3_offload.json) will not work until it is installed"; \
+		echo "warning: missing$$missing (NVMe offload and multi-node runs need them); install them with your package manager"; \
 	fi
 
-test: install
+test: install sysdeps
 	$(PY) -m pytest -q
 
 test-unit: install
@@ -65,6 +71,11 @@ smoke: install
 	$(PY) -c "import json,sys; s=json.load(open('runs/smoke/summary.json')); \
 		print('smoke: loss %.3f -> %.3f' % (s['first_train_loss'], s['final_eval_loss'])); \
 		sys.exit(0 if s['final_eval_loss'] < s['first_train_loss'] - 0.5 else 1)"
+
+# Two nodes on this machine (127.0.0.2 and 127.0.0.3, an sshd each, pdsh): the deepspeed --hostfile
+# path trains like one node with two ranks, and a lost node stops the job, which a rerun resumes.
+smoke-multinode: install
+	$(PY) -m pytest -q tests/dist/test_multinode.py
 
 # Data pipeline figures: tokenize+pack throughput, padding waste, cache; writes bench/results/data.json.
 bench-data: install

@@ -1,0 +1,145 @@
+"""Two nodes on one machine: loopback addresses 127.0.0.2 and 127.0.0.3, each with its own sshd.
+
+The unmodified ``deepspeed --hostfile`` path (pdsh over ssh) trains 2 nodes x 1 rank to the same
+losses as a 2-rank single-node run; a node that loses its rank stops the whole job, which a rerun
+resumes. Keys, host keys and sshd configuration live in the test's temporary folder: the user's
+~/.ssh is never read or written. Every sshd started here is stopped at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import DEEPSPEED, ROOT, free_port, run_driver
+
+pytestmark = [pytest.mark.dist, pytest.mark.multinode]
+NODES = ("127.0.0.2", "127.0.0.3")
+SSHD = Path("/usr/sbin/sshd")
+
+
+def _free_port_on(addresses) -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((addresses[0], 0))
+            port = s.getsockname()[1]
+        try:
+            for a in addresses[1:]:
+                with socket.socket() as s:
+                    s.bind((a, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no common free port")
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    if not SSHD.exists() or not shutil.which("pdsh"):
+        pytest.fail("multi-node tests need openssh-server and pdsh (make install puts them in)")
+    folder = tmp_path_factory.mktemp("nodes")
+    for name in ("id", "host_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)
+    shutil.copy(folder / "id.pub", folder / "authorized_keys")
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation folder
+    port = _free_port_on(NODES)
+    daemons = []
+    try:
+        for address in NODES:
+            daemons.append(subprocess.Popen([
+                str(SSHD), "-D", "-e", "-f", "/dev/null", "-p", str(port), "-o", f"ListenAddress={address}",
+                "-o", f"HostKey={folder / 'host_key'}", "-o", f"AuthorizedKeysFile={folder / 'authorized_keys'}",
+                "-o", "StrictModes=no", "-o", "PasswordAuthentication=no", "-o", "PermitRootLogin=prohibit-password",
+                "-o", "UsePAM=no", "-o", f"PidFile={folder / address}.pid"],
+                stdout=subprocess.DEVNULL, stderr=open(folder / f"sshd-{address}.log", "w")))
+        ssh_args = (f"-F /dev/null -i {folder / 'id'} -o IdentitiesOnly=yes -o UserKnownHostsFile=/dev/null "
+                    f"-o StrictHostKeyChecking=no -o LogLevel=ERROR")
+        deadline = time.monotonic() + 30
+        for address in NODES:  # wait until each node answers over ssh
+            while subprocess.run(["ssh", *ssh_args.split(), "-p", str(port), address, "true"],
+                                 capture_output=True).returncode != 0:
+                assert time.monotonic() < deadline, (folder / f"sshd-{address}.log").read_text()
+                time.sleep(0.2)
+        (folder / "hosts").write_text("".join(f"{a} slots=1\n" for a in NODES))
+        (folder / "env").write_text("GLOO_SOCKET_IFNAME=lo\n")
+        yield {"hostfile": folder / "hosts", "port": port,
+               "env": {"PDSH_SSH_ARGS_APPEND": ssh_args, "DS_ENV_FILE": str(folder / "env")}}
+    finally:
+        for daemon in daemons:
+            for child in psutil.Process(daemon.pid).children(recursive=True):  # sessions still open
+                child.kill()
+            daemon.terminate()
+            daemon.wait(timeout=30)
+
+
+def train_args(out, data_cache, steps=20) -> list[str]:
+    return ["--ds_config", "ds_configs/zero1.json", "--set", "data.block_size=64", "--set", "train.micro_batch_size=4",
+            "--set", f"train.max_steps={steps}", "--set", "train.warmup_steps=5", "--set", "train.eval_interval=0",
+            "--set", "train.eval_max_batches=2", "--set", "logging.log_interval=5", "--set", "checkpoint.interval=5",
+            "--set", f"train.output_dir={out}", "--set", f"data.cache_dir={data_cache}"]
+
+
+def multinode_cmd(nodes, args) -> list[str]:
+    return [str(DEEPSPEED), "--hostfile", str(nodes["hostfile"]), "--master_addr", NODES[0],
+            "--master_port", str(free_port()), "--ssh_port", str(nodes["port"]), "--no_ssh_check",
+            str(ROOT / "llm_ds" / "train.py"), *args]
+
+
+def losses(out) -> dict[int, float]:
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def test_two_nodes_train_like_one_node_with_two_ranks(two_nodes, tmp_path, data_cache):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    proc = run_driver(train_args(single, data_cache), ranks=2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run(multinode_cmd(two_nodes, train_args(multi, data_cache)), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **two_nodes["env"]})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "127.0.0.2: | epoch" in proc.stdout  # rank 0's lines came back through pdsh from node 127.0.0.2
+    summary = json.loads((multi / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    reference, got = losses(single), losses(multi)
+    assert sorted(got) == sorted(reference) == [1, 5, 10, 15, 20]
+    for step in reference:
+        assert got[step] == pytest.approx(reference[step], rel=1e-6), step
+
+
+def test_a_lost_node_stops_the_job_and_a_rerun_resumes(two_nodes, tmp_path, data_cache):
+    out = tmp_path / "run"
+    args = train_args(out, data_cache, steps=400)
+    job = subprocess.Popen(multinode_cmd(two_nodes, args), cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env={**os.environ, **two_nodes["env"]})
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "global_step10" / "COMPLETE").exists():
+            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()[-3000:]
+            time.sleep(0.1)
+        victims = [p for p in psutil.process_iter(["cmdline"])
+                   if "--local_rank=0" in (p.info["cmdline"] or []) and str(out) in " ".join(p.info["cmdline"])]
+        # The rank of node 1 (127.0.0.3): its launcher was started with --node_rank=1.
+        node1 = [p for p in victims if any("--node_rank=1" in " ".join(a.cmdline()) for a in p.parents()[:2])]
+        assert len(node1) == 1, [v.cmdline() for v in victims]
+        lost_at = time.monotonic()
+        node1[0].send_signal(signal.SIGKILL)
+        output, _ = job.communicate(timeout=180)
+        assert job.returncode != 0
+        assert time.monotonic() - lost_at < 180
+        assert "127.0.0.3" in output and ("exits with return code = -9" in output or "exit code" in output)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    rerun = subprocess.run(multinode_cmd(two_nodes, train_args(out, data_cache, steps=20)), cwd=ROOT,
+                           capture_output=True, text=True, timeout=600, env={**os.environ, **two_nodes["env"]})
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stdout
