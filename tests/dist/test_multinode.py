@@ -143,3 +143,28 @@ def test_a_lost_node_stops_the_job_and_a_rerun_resumes(two_nodes, tmp_path, data
                            capture_output=True, text=True, timeout=600, env={**os.environ, **two_nodes["env"]})
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "resuming from" in rerun.stdout
+
+
+def test_no_ssh_with_node_ranks_given_per_node(tmp_path, data_cache):
+    """Kubernetes-style: no ssh; each node starts its own `llm-ds launch --launcher no-ssh --node_rank N`."""
+    import sys
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("".join(f"{a} slots=1\n" for a in NODES))
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    proc = run_driver(train_args(single, data_cache, steps=10), ranks=2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    port = str(free_port())
+    nodes = [subprocess.Popen([sys.executable, "-m", "llm_ds.cli", "launch", "--hostfile", str(hostfile),
+                               "--launcher", "no-ssh", "--node_rank", str(rank), "--master_addr", NODES[0],
+                               "--master_port", port, *train_args(multi, data_cache, steps=10)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+             for rank in (0, 1)]
+    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert json.loads((multi / "summary.json").read_text())["world_size"] == 2
+    reference, got = losses(single), losses(multi)
+    assert sorted(got) == sorted(reference)
+    for step in reference:
+        assert got[step] == pytest.approx(reference[step], rel=1e-6), step
