@@ -12,6 +12,7 @@ import os
 import sys
 
 from launcher.cli import launch_command_parser
+from launcher.doctor import doctor_command_parser
 from launcher.hostfile import HostfileError
 from llm_ds.config import ConfigError, dump_run_config, load_run_config
 from llm_ds.ds_config import find_auto, load_ds_template, resolve_ds_config, resolve_precision
@@ -188,6 +189,7 @@ COMMANDS = (
     generate_command_parser,
     report_command_parser,
     launch_command_parser,
+    doctor_command_parser,
 )
 
 

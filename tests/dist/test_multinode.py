@@ -168,3 +168,24 @@ def test_no_ssh_with_node_ranks_given_per_node(tmp_path, data_cache):
     assert sorted(got) == sorted(reference)
     for step in reference:
         assert got[step] == pytest.approx(reference[step], rel=1e-6), step
+
+
+def test_doctor_checks_every_host(two_nodes, tmp_path):
+    import sys
+
+    def doctor(hosts: list[str]):
+        hostfile = tmp_path / "hosts"
+        hostfile.write_text("".join(f"{h} slots=1\n" for h in hosts))
+        return subprocess.run([sys.executable, "-m", "llm_ds.cli", "doctor", "--hostfile", str(hostfile),
+                               "--ssh_port", str(two_nodes["port"]), "--master_port", str(free_port()),
+                               "--set", f"train.output_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, **two_nodes["env"]})
+
+    ok = doctor(list(NODES))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.strip().endswith("ok: every host is ready")
+    assert all(f"{h} " in ok.stdout and "shared" in ok.stdout for h in NODES)
+    broken = doctor([*NODES, "127.0.0.4"])  # no sshd there
+    assert broken.returncode == 1
+    problems = [x for x in broken.stderr.splitlines() if x.startswith("problem: ")]
+    assert len(problems) == 1 and problems[0].startswith("problem: 127.0.0.4: not reachable by ssh")
