@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from llm_ds.config import DataConfig
-from llm_ds.data.packing import iter_token_ids, n_blocks
+from llm_ds.data.packing import iter_token_ids, n_blocks, real_token_fraction
 from llm_ds.data.pipeline import describe, iter_split, load_or_build_arrays
 from llm_ds.data.preprocess import Preprocessor
 from llm_ds.data.sources import DataError, ReadStats
@@ -60,7 +60,7 @@ class PaddedDataset(Dataset):
         return {"input_ids": ids, "attention_mask": mask}
 
     def real_token_fraction(self) -> float:
-        return float(self.lengths.sum()) / (len(self) * self.max_length) if len(self) else 0.0
+        return real_token_fraction(self.lengths, self.max_length)
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -95,9 +95,6 @@ class ShardedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n_samples // self.world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.consumed = epoch, 0
 
     def indices(self) -> np.ndarray:
         if self.shuffle:
