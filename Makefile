@@ -9,7 +9,7 @@ DS_CONFIG ?= ds_configs/zero2.json
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps test test-unit lint format train smoke bench-data bench-logging docker smoke-multinode clean
+.PHONY: install sysdeps test test-unit lint format train smoke bench bench-data bench-logging docker smoke-multinode clean
 
 install: $(STAMP)
 
@@ -76,6 +76,11 @@ smoke: install
 # path trains like one node with two ranks, and a lost node stops the job, which a rerun resumes.
 smoke-multinode: install
 	$(PY) -m pytest -q tests/dist/test_multinode.py
+
+# Side by side on CPU: a plain PyTorch loop against llm-ds (ZeRO 0-3, 1 and 2 ranks), packed against
+# padded; writes bench/results/cpu.json.
+bench: install
+	$(PY) bench/bench_cpu.py
 
 # Data pipeline figures: tokenize+pack throughput, padding waste, cache; writes bench/results/data.json.
 bench-data: install

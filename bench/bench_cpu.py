@@ -1,0 +1,189 @@
+"""CPU benchmark, side by side: a plain PyTorch loop against llm-ds under DeepSpeed, and packing against padding.
+
+    make bench             # writes bench/results/cpu.json and prints a table
+
+Every variant trains the same model on the same data with the same global batch, steps and seed,
+as a separate process; variants are alternated and repeated, and medians reported. Ratios, not
+absolute times, are what to compare: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "cpu.json"
+REPEATS = int(os.environ.get("BENCH_REPEATS", 3))
+STEPS = int(os.environ.get("BENCH_STEPS", 60))
+COMMON = [
+    "--set",
+    f"train.max_steps={STEPS}",
+    "--set",
+    "train.warmup_steps=10",
+    "--set",
+    "train.eval_interval=0",
+    "--set",
+    "train.eval_max_batches=1",
+    "--set",
+    "logging.log_interval=10",
+    "--set",
+    "checkpoint.interval=0",
+    "--set",
+    "checkpoint.save_final=false",
+    "--set",
+    "checkpoint.resume=never",
+]
+PADDING = [
+    "--set",
+    "data.block_size=1024",
+    "--set",
+    "model.n_positions=1024",
+    "--set",
+    "train.micro_batch_size=2",
+    "--set",
+    f"train.max_steps={max(6, STEPS // 10)}",
+]
+
+
+def ds_template(stage: int, folder: Path) -> str:
+    config = json.loads((ROOT / "ds_configs" / "zero1.json").read_text())
+    config["zero_optimization"] = {"stage": stage}
+    path = folder / f"zero{stage}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def run_llm_ds(ds: str, ranks: int, extra: list[str], cache: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="llm-ds-bench-") as out:
+        args = [
+            "--ds_config",
+            ds,
+            *COMMON,
+            "--set",
+            f"train.output_dir={out}",
+            "--set",
+            f"data.cache_dir={cache}",
+            *extra,
+        ]
+        if ranks == 1:
+            cmd = [sys.executable, str(ROOT / "llm_ds" / "train.py"), *args]
+        else:
+            cmd = [
+                str(Path(sys.executable).parent / "deepspeed"),
+                "--num_gpus",
+                str(ranks),
+                str(ROOT / "llm_ds" / "train.py"),
+                *args,
+            ]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+        summary = json.loads((Path(out) / "summary.json").read_text())
+    return {
+        "tokens_per_s": summary["tokens_per_s"],
+        "real_tokens_per_s": summary["tokens_per_s"] * summary["real_token_fraction"],
+        "final_train_loss": summary["final_train_loss"],
+    }
+
+
+def run_plain(extra: list[str], cache: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="llm-ds-bench-") as out:
+        result = Path(out) / "plain.json"
+        cmd = [
+            sys.executable,
+            str(ROOT / "bench" / "plain_loop.py"),
+            *COMMON,
+            "--set",
+            f"data.cache_dir={cache}",
+            *extra,
+            "--out",
+            str(result),
+        ]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+        plain = json.loads(result.read_text())
+    return {
+        "tokens_per_s": plain["tokens_per_s"],
+        "real_tokens_per_s": plain["tokens_per_s"],
+        "final_train_loss": plain["final_loss"],
+    }
+
+
+def main() -> None:
+    import deepspeed
+    import torch
+
+    folder = Path(tempfile.mkdtemp(prefix="llm-ds-bench-ds-"))
+    cache = str(folder / "cache")
+    variants = {
+        "a_plain_pytorch_1rank": lambda: run_plain([], cache),
+        "b_llm_ds_zero0_1rank": lambda: run_llm_ds(ds_template(0, folder), 1, [], cache),
+        "b_llm_ds_zero1_1rank": lambda: run_llm_ds(ds_template(1, folder), 1, [], cache),
+        "b_llm_ds_zero2_1rank": lambda: run_llm_ds(ds_template(2, folder), 1, [], cache),
+        "b_llm_ds_zero3_1rank": lambda: run_llm_ds(ds_template(3, folder), 1, [], cache),
+        "c_llm_ds_zero1_2ranks": lambda: run_llm_ds(
+            ds_template(1, folder), 2, ["--set", "train.micro_batch_size=4"], cache
+        ),
+        "c_llm_ds_zero3_2ranks": lambda: run_llm_ds(
+            ds_template(3, folder), 2, ["--set", "train.micro_batch_size=4"], cache
+        ),
+        "d_packed_1024": lambda: run_llm_ds(ds_template(1, folder), 1, PADDING, cache),
+        "d_padded_1024": lambda: run_llm_ds(
+            ds_template(1, folder), 1, [*PADDING, "--set", "data.packing=false"], cache
+        ),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(REPEATS):
+        for name, run in variants.items():
+            runs[name].append(run())
+    figures = {}
+    for name, results in runs.items():
+        figures[name] = {
+            key: {
+                "min": min(r[key] for r in results),
+                "median": statistics.median(r[key] for r in results),
+                "max": max(r[key] for r in results),
+            }
+            for key in results[0]
+        }
+    med = {name: f["tokens_per_s"]["median"] for name, f in figures.items()}
+    ratios = {
+        "llm_ds_zero1_vs_plain": med["b_llm_ds_zero1_1rank"] / med["a_plain_pytorch_1rank"],
+        "llm_ds_zero0_vs_plain": med["b_llm_ds_zero0_1rank"] / med["a_plain_pytorch_1rank"],
+        "packed_vs_padded_real_tokens": figures["d_packed_1024"]["real_tokens_per_s"]["median"]
+        / figures["d_padded_1024"]["real_tokens_per_s"]["median"],
+    }
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+        },
+        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+        "setup": f"tiny recipe (1.9M parameters), block 128, global batch 8, {STEPS} steps, fp32, CPU; padding "
+        f"rows: block 1024, batch 2, {max(6, STEPS // 10)} steps",
+        "repeats": REPEATS,
+        "variants": figures,
+        "ratios": ratios,
+        "not_measured": "memory per rank under ZeRO 0-3 and offload for a tens-of-millions model (issue 7 (e))",
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'variant':<28}{'tokens/s median':>16}{'min':>10}{'max':>10}")
+    for name, f in figures.items():
+        tps = f["tokens_per_s"]
+        print(f"{name:<28}{tps['median']:>16,.0f}{tps['min']:>10,.0f}{tps['max']:>10,.0f}")
+    for name, value in ratios.items():
+        print(f"{name:<44}{value:>8.3f}")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The baseline llm-ds is measured against: a plain PyTorch loop, the seed chapter's LLMTrainer done right.
+
+Same model, weights, data order, optimiser and schedule as llm-ds with a run config: AdamW with
+decay on matrices only, linear warm-up then linear decay (DeepSpeed's WarmupDecayLR), global
+gradient-norm clipping, ``model(**batch)`` with labels equal to the inputs (the model shifts
+them), no host sync except at log points. One process, no DeepSpeed.
+
+    python bench/plain_loop.py --config RUN.yaml [--set section.key=value ...] --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from llm_ds.config import load_run_config  # noqa: E402
+from llm_ds.data.loader import build_loaders  # noqa: E402
+from llm_ds.model import build_model, build_tokenizer, param_groups, resolve_vocab_size  # noqa: E402
+
+
+def warmup_decay(step: int, warmup: int, total: int, min_lr: float, max_lr: float) -> float:
+    """DeepSpeed's WarmupDecayLR with linear warm-up, as a function of the optimizer step (0-based)."""
+    if step < warmup:
+        return min_lr + (max_lr - min_lr) * step / max(1, warmup)
+    return max_lr * max(0.0, (total - step) / max(1.0, total - warmup))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    cfg = load_run_config(args.config, args.overrides)
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    loaders = build_loaders(cfg.data, tokenizer, t.micro_batch_size, 0, 1, 0, t.seed, t.eval_max_batches)
+    model = build_model(cfg.model, resolve_vocab_size(cfg.model, len(tokenizer)), tokenizer.eos_token_id, t.seed)
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    batches = iter(loaders.train)
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.block_size
+    losses, start = [], None
+    for step in range(t.max_steps):
+        if step == 1:
+            start = time.perf_counter()  # the first step carries one-off warm-up costs, as in llm-ds
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_decay(step, t.warmup_steps, t.max_steps, t.min_lr, t.lr)
+        loss_sum = torch.zeros(())
+        for _ in range(t.grad_accum_steps):
+            loss = model(**next(batches)).loss / t.grad_accum_steps
+            loss.backward()
+            loss_sum += loss.detach()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 0 or (step + 1) % cfg.logging.log_interval == 0:
+            losses.append((step + 1, loss_sum.item()))
+    elapsed = time.perf_counter() - start
+    result = {
+        "steps": t.max_steps,
+        "tokens_per_s": (t.max_steps - 1) * tokens_per_step / elapsed,
+        "losses": losses,
+        "final_loss": losses[-1][1],
+        "finite": all(math.isfinite(x) for _, x in losses),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
