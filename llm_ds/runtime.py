@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,27 @@ def init_distributed() -> None:
             MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
         )
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    unlink_shm_buffers()
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def unlink_shm_buffers() -> None:
+    """Remove the names of DeepSpeed's CPU shared-memory all-reduce buffers once every rank has mapped them.
+
+    On CPU, DeepSpeed's communication backend creates a 69 MB ``/dev/shm`` segment per rank when all
+    ranks share a machine and never unlinks it: each run would leave its segments in memory until
+    reboot. The mappings stay valid after the names go, and a killed run leaves nothing behind.
+    """
+    import deepspeed.comm as dist
+
+    addr, port, rank = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), os.environ.get("RANK")
+    if not (addr and port and rank is not None and SHM_DIR.is_dir()):
+        return
+    dist.barrier()  # every rank has opened its peers' segments
+    for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+        path.unlink(missing_ok=True)
 
 
 def seed_everything(seed: int) -> None:

@@ -31,3 +31,21 @@ def test_data_mode_trains_on_two_ranks(tmp_path, data_cache, mode):
         assert all(0 < f < 1 for f in fractions) and 0 < summary["real_token_fraction"] < 1
     else:
         assert all(f == 1.0 for f in fractions) and summary["epochs"] is None
+
+
+def test_no_shared_memory_left_behind(tmp_path, data_cache):
+    """DeepSpeed's CPU all-reduce segments (69 MB per rank) must not outlive the run in /dev/shm."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import DEEPSPEED, ROOT, free_port
+
+    port = free_port()
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), str(ROOT / "llm_ds" / "train.py"),
+           "--set", "train.max_steps=2", "--set", "train.eval_max_batches=1", "--set", "model.n_layer=1",
+           "--set", f"train.output_dir={tmp_path}", "--set", f"data.cache_dir={data_cache}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-2000:] + sys.executable
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
