@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import machine_info, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "cpu.json"
@@ -143,14 +143,7 @@ def main() -> None:
             runs[name].append(run())
     figures = {}
     for name, results in runs.items():
-        figures[name] = {
-            key: {
-                "min": min(r[key] for r in results),
-                "median": statistics.median(r[key] for r in results),
-                "max": max(r[key] for r in results),
-            }
-            for key in results[0]
-        }
+        figures[name] = {key: spread(r[key] for r in results) for key in results[0]}
     med = {name: f["tokens_per_s"]["median"] for name, f in figures.items()}
     ratios = {
         "llm_ds_zero1_vs_plain": med["b_llm_ds_zero1_1rank"] / med["a_plain_pytorch_1rank"],
@@ -159,12 +152,7 @@ def main() -> None:
         / figures["d_padded_1024"]["real_tokens_per_s"]["median"],
     }
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-        },
+        "machine": machine_info(),
         "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
         "date": time.strftime("%Y-%m-%d"),
         "setup": f"tiny recipe (1.9M parameters), block 128, global batch 8, {STEPS} steps, fp32, CPU; padding "

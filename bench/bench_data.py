@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import machine_info, spread
 
 from llm_ds.config import BUNDLED_CORPUS, DataConfig
 from llm_ds.data import cache
@@ -27,10 +26,6 @@ from llm_ds.model import build_tokenizer
 
 OUT = Path(__file__).resolve().parent / "results" / "data.json"
 REPEATS = int(os.environ.get("BENCH_REPEATS", 3))
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 def tokenize_throughput(tokenizer) -> dict:
@@ -47,7 +42,7 @@ def tokenize_throughput(tokenizer) -> dict:
             runs[num_proc].append(n_tokens / elapsed)
     return {
         "tokens": n_tokens,
-        **{f"num_proc_{k}_tokens_per_s": summary(v) for k, v in runs.items()},
+        **{f"num_proc_{k}_tokens_per_s": spread(v) for k, v in runs.items()},
         "speedup_2_vs_1": statistics.median(runs[2]) / statistics.median(runs[1]),
     }
 
@@ -82,8 +77,8 @@ def cache_reuse(tokenizer) -> dict:
         finally:
             shutil.rmtree(root, ignore_errors=True)
     return {
-        "first_build_s": summary(builds),
-        "cached_load_s": summary(hits),
+        "first_build_s": spread(builds),
+        "cached_load_s": spread(hits),
         "cache_bytes": size,
         "corpus_bytes": BUNDLED_CORPUS.stat().st_size,
     }
@@ -96,12 +91,7 @@ def main() -> None:
 
     tokenizer = build_tokenizer(DataConfig().tokenizer)
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-        },
+        "machine": machine_info(),
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,

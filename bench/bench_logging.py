@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import machine_info, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "logging.json"
@@ -71,13 +72,11 @@ def main() -> None:
     overhead = 1.0 - med[1] / med[100]
     step_ms = {k: 1000 * 4 * 64 / v for k, v in med.items()}  # tokens per step / tokens per s
     out = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": machine_info(),
         "versions": {"torch": torch.__version__},
         "date": time.strftime("%Y-%m-%d"),
         "setup": f"1 rank, ZeRO-1, 2 layers x 128, block 64, micro-batch 4, {STEPS} steps, CPU",
-        "tokens_per_s": {
-            str(k): {"min": min(v), "median": statistics.median(v), "max": max(v)} for k, v in results.items()
-        },
+        "tokens_per_s": {str(k): spread(v) for k, v in results.items()},
         "overhead_fraction_log_every_step": overhead,
         "overhead_ms_per_logged_step": step_ms[1] - step_ms[100],
     }
