@@ -113,6 +113,7 @@ class Run:
     precision: str
     tokenizer: Any
     resume_from: Any  # the checkpoint folder to continue from, or None
+    rss_before_model: int = 0  # this rank's host memory before the model was built, in bytes
 
 
 def compute_total_steps(cfg: RunConfig, n_train_samples: int | None, world_size: int) -> int:
@@ -134,10 +135,12 @@ def compute_total_steps(cfg: RunConfig, n_train_samples: int | None, world_size:
 def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Run:
     """Tokenizer, data, model and DeepSpeed engine for this rank, after ``init_distributed``."""
     import deepspeed
+    import psutil
     from deepspeed.accelerator import get_accelerator
 
     from llm_ds.data.loader import build_loaders
     from llm_ds.model import build_model, build_tokenizer, count_parameters, param_groups, resolve_vocab_size
+    from llm_ds.monitor.metrics import reset_peak_rss
 
     rank, local_rank, world_size = dist_env()
     accel = get_accelerator()
@@ -180,6 +183,9 @@ def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Ru
     )
 
     vocab_size = resolve_vocab_size(cfg.model, len(tokenizer))
+    # What the model, optimizer and training add to host memory is measured from here.
+    rss_before_model = psutil.Process().memory_info().rss
+    reset_peak_rss()
     # ZeRO-3 partitions the model as it is built, so no rank ever holds all of it.
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
         model = build_model(cfg.model, vocab_size, tokenizer.eos_token_id, seed=cfg.train.seed)
@@ -212,7 +218,18 @@ def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Ru
         earlier = [c for c in complete if step_of(c) < step_of(resume_from)]
         verify(resume_from, earlier[-1] if earlier else None)
         check_compatible(resume_from, cfg, world_size, tokenizer)
-    return Run(engine, loaders.train, loaders.eval, total_steps, n_params, ds_config, precision, tokenizer, resume_from)
+    return Run(
+        engine,
+        loaders.train,
+        loaders.eval,
+        total_steps,
+        n_params,
+        ds_config,
+        precision,
+        tokenizer,
+        resume_from,
+        rss_before_model,
+    )
 
 
 def perf_model(cfg: RunConfig, run: Run) -> tuple[int, float | None]:
@@ -289,6 +306,7 @@ def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
         first_loss=monitor.first_train_loss(),
         flops_per_token=flops,
         peak_tflops=peak,
+        rss_before_model=run.rss_before_model,
     )
     if resumed:
         trainer.restore(resumed)

@@ -22,7 +22,7 @@ from deepspeed.accelerator import get_accelerator
 
 from llm_ds.config import RunConfig
 from llm_ds.monitor import Monitor
-from llm_ds.monitor.metrics import mfu, straggler
+from llm_ds.monitor.metrics import mfu, peak_rss_bytes, straggler
 
 logger = logging.getLogger("llm_ds")
 STRAGGLER_LAG = 0.2  # a rank this much slower than the median, three log points running, is named
@@ -58,16 +58,21 @@ class Trainer:
         first_loss: float | None = None,
         flops_per_token: int | None = None,
         peak_tflops: float | None = None,
+        rss_before_model: int = 0,
     ):
         """``saver(step, state)`` writes a checkpoint; ``control`` (``llm_ds.control.Control``) turns
         signals and the save trigger into saves and a clean stop; ``first_loss`` is step 1's loss of
-        a run being resumed."""
+        a run being resumed; ``rss_before_model`` is this rank's host memory before the model was
+        built, the base of the per-rank memory figures in the summary."""
         self.cfg, self.engine, self.monitor = cfg, engine, monitor
         self.saver, self.control, self.first_loss = saver, control, first_loss
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self._data_wait_s = 0.0  # this rank's time waiting for batches since the last log point
         self._slowest: list[int] = []  # the slowest rank at recent log points
         self.peak_memory_bytes = 0
+        self.rss_before_model = rss_before_model
+        # Per rank, the most seen at any log point: [rss before model, peak rss, device max allocated].
+        self.rank_memory = [[0, 0, 0] for _ in range(world_size)]
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.total_steps, self.world_size, self.n_params = total_steps, world_size, n_params
         self.state = TrainState()
@@ -153,11 +158,17 @@ class Trainer:
                 accel.max_memory_allocated(),
                 accel.max_memory_reserved(),
                 rss,
+                peak_rss_bytes(),
+                self.rss_before_model,
             ]
         )
         self._real_tokens.zero_()
         self._data_wait_s = 0.0
-        losses, real, times, waits, alloc, reserved, rsses = (list(col) for col in zip(*rows, strict=True))
+        losses, real, times, waits, alloc, reserved, rsses, peaks, befores = (
+            list(col) for col in zip(*rows, strict=True)
+        )
+        for mem, before, peak, allocated in zip(self.rank_memory, befores, peaks, alloc, strict=True):
+            mem[:] = [int(before), max(mem[1], int(peak)), max(mem[2], int(allocated))]
         tokens = interval_steps * self.tokens_per_step
         self.state.real_tokens_seen += int(sum(real))
         tokens_per_s = tokens / max(times)  # the job moves at the pace of its slowest rank
@@ -178,6 +189,7 @@ class Trainer:
             "mem/max_allocated_bytes": max(alloc),
             "mem/max_reserved_bytes": max(reserved),
             "mem/host_rss_bytes": max(rsses),
+            "mem/host_peak_rss_bytes": max(peaks),
         }
         self.peak_memory_bytes = max(self.peak_memory_bytes, int(max(alloc)))
         grad_norm = self.engine.get_global_grad_norm()
@@ -275,6 +287,11 @@ class Trainer:
             if train_time_s > 0 and self.flops_per_token
             else None,
             "peak_memory_bytes": self.peak_memory_bytes,
+            # Per rank, in rank order: host memory before the model was built, the host's peak from
+            # then on (model, optimizer, activations, buffers), the device's most allocated.
+            "host_rss_before_model_bytes": [m[0] for m in self.rank_memory],
+            "host_peak_rss_bytes": [m[1] for m in self.rank_memory],
+            "device_max_allocated_bytes": [m[2] for m in self.rank_memory],
         }
 
 

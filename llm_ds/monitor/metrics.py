@@ -84,3 +84,31 @@ def redact(obj: Any, secrets: list[str] | None = None) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v, secrets) for v in obj)
     return obj
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident set size (``VmHWM``) afresh from its current size.
+
+    Linux only (``/proc/self/clear_refs``); returns False where the peak cannot be reset, and
+    ``peak_rss_bytes`` then reports the peak since the process started.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size since it started or since ``reset_peak_rss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
