@@ -16,6 +16,7 @@ from launcher.doctor import doctor_command_parser
 from launcher.hostfile import HostfileError
 from llm_ds.config import ConfigError, dump_run_config, load_run_config
 from llm_ds.ds_config import find_auto, load_ds_template, resolve_ds_config, resolve_precision
+from llm_ds.plan import plan_command_parser
 
 
 def train_command_parser(subparsers) -> None:
@@ -190,6 +191,7 @@ COMMANDS = (
     report_command_parser,
     launch_command_parser,
     doctor_command_parser,
+    plan_command_parser,
 )
 
 

@@ -1,0 +1,234 @@
+"""`llm-ds plan`: the memory model against DeepSpeed's own estimators and a built model, the choice it
+makes, what it writes, and its refusals."""
+
+import json
+
+import pytest
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+from llm_ds import plan
+from llm_ds.cli import main
+from llm_ds.config import ModelConfig
+from llm_ds.ds_config import load_ds_template, resolve_ds_config
+from llm_ds.model import build_model, count_parameters
+
+GPT2_SMALL = plan.ModelShape(12, 768, 12, 1024, 50257, 1024)
+MiB = 2**20
+
+
+def cluster(nodes=1, ranks=8, mem_gb=80, cpu_gb=1024, nvme_gb=0, device="H100"):
+    return plan.Cluster(nodes, ranks, device, mem_gb * plan.GiB, cpu_gb * plan.GiB, nvme_gb * 1e9, 400.0)
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 2, 128, 512), (4, 128, 4, 256, 8192), (3, 96, 3, 64, 1000)])
+def test_parameter_count_matches_a_built_model(shape):
+    n_layer, n_embd, n_head, n_positions, vocab = shape
+    cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, vocab_multiple_of=1)
+    model = build_model(cfg, vocab)
+    assert plan.ModelShape(n_layer, n_embd, n_head, n_positions, vocab, 64).n_params == count_parameters(model)
+
+
+def test_gpt2_small_has_124m_parameters():
+    assert GPT2_SMALL.n_params == 124_439_808
+
+
+def device_states(est: plan.Estimate) -> int:
+    """Model states on the device as DeepSpeed's estimators count them (no activations, buckets, slack)."""
+    d = est.device
+    return d["model_params"] + d["live_params"] + d["model_grads"] + d["fp32_grads"] + d["model_optimizer"]
+
+
+@pytest.mark.parametrize("nodes,ranks", [(1, 1), (1, 8), (4, 8), (16, 8)])
+def test_zero2_agrees_with_deepspeeds_estimator(nodes, ranks):
+    p = GPT2_SMALL.n_params
+    c = cluster(nodes, ranks)
+    ours = plan.estimate(GPT2_SMALL, plan.Candidate(2), c, c.world, "bf16", {})
+    _, ds_gpu = estimate_zero2_model_states_mem_needs(p, ranks, nodes, cpu_offload=False)
+    assert device_states(ours) == pytest.approx(ds_gpu, rel=1e-6)
+    # ZeRO-1 is the same implementation in DeepSpeed, and so the same bytes.
+    assert device_states(plan.estimate(GPT2_SMALL, plan.Candidate(1), c, c.world, "bf16", {})) == device_states(ours)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 8])
+def test_zero2_offload_agrees_with_deepspeeds_estimator_on_device_and_host(ranks):
+    p = GPT2_SMALL.n_params
+    c = cluster(1, ranks)
+    ours = plan.estimate(GPT2_SMALL, plan.Candidate(2, "cpu"), c, c.world, "bf16", {})
+    ds_cpu, ds_gpu = estimate_zero2_model_states_mem_needs(p, ranks, 1, cpu_offload=True)
+    assert device_states(ours) == pytest.approx(ds_gpu, rel=1e-6)
+    assert ours.host_per_node == pytest.approx(ds_cpu, rel=1e-6)
+
+
+@pytest.mark.parametrize("nodes,ranks", [(1, 2), (1, 8), (4, 8)])
+@pytest.mark.parametrize("offload", [("cpu", "cpu"), ("cpu", "none")])
+def test_zero3_offload_agrees_with_deepspeeds_estimator(nodes, ranks, offload):
+    p, largest = GPT2_SMALL.n_params, GPT2_SMALL.largest_layer_params
+    c = cluster(nodes, ranks)
+    zero = {"stage3_max_live_parameters": 0}  # the estimator's working set: the largest layer
+    ours = plan.estimate(GPT2_SMALL, plan.Candidate(3, *offload), c, c.world, "bf16", zero)
+    ds_cpu, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
+        p, largest, ranks, nodes, cpu_offload=True, cpu_offload_params=offload[1] == "cpu", zero_init=True
+    )
+    assert device_states(ours) == pytest.approx(ds_gpu, rel=1e-6)
+    assert ours.host_per_node == pytest.approx(ds_cpu, rel=1e-6)
+
+
+@pytest.mark.parametrize("nodes,ranks", [(1, 2), (2, 8)])
+def test_zero3_counts_the_16bit_gradient_partition_deepspeeds_estimator_leaves_out(nodes, ranks):
+    """DeepSpeed's ZeRO-3 estimate is 18 bytes per parameter over N; measured (make bench-memory), a rank
+    also holds its 16-bit gradient partition when the optimizer steps: 20 over N."""
+    p, largest = GPT2_SMALL.n_params, GPT2_SMALL.largest_layer_params
+    c = cluster(nodes, ranks)
+    ours = plan.estimate(GPT2_SMALL, plan.Candidate(3), c, c.world, "bf16", {"stage3_max_live_parameters": 0})
+    _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(p, largest, ranks, nodes, cpu_offload=False, zero_init=True)
+    assert device_states(ours) - ds_gpu == pytest.approx(2 * p / c.world, rel=1e-6)
+
+
+def test_zero_paper_counts_for_mixed_precision():
+    """16 bytes per parameter at ZeRO-0, partitioned as the paper says at ZeRO-3 (plus the working set)."""
+    p, c = GPT2_SMALL.n_params, cluster(1, 4)
+    z0 = plan.model_states(p, 0, 0, 4, "bf16", plan.Candidate(0))["device"]
+    assert z0["params"] + z0["grads"] + z0["optimizer"] == 16 * p
+    z3 = plan.model_states(p, 0, 3, 4, "bf16", plan.Candidate(3), {"stage3_max_live_parameters": 0})["device"]
+    assert z3["params"] + z3["grads"] + z3["optimizer"] == pytest.approx(16 * p / 4)
+    assert c.world == 4
+
+
+def test_activations_grow_with_micro_batch_and_checkpointing_saves_them():
+    a1 = plan.activation_bytes(GPT2_SMALL, 1, "bf16", False)
+    a8 = plan.activation_bytes(GPT2_SMALL, 8, "bf16", False)
+    ck = plan.activation_bytes(GPT2_SMALL, 8, "bf16", True)
+    assert a8["activations"] == 8 * a1["activations"] and a8["logits"] == 8 * a1["logits"]
+    assert ck["activations"] < a8["activations"] / 5 and ck["logits"] == a8["logits"]
+    # GPT-2's Python GELU keeps three more 4x-wide tensors per layer than a fused one.
+    fused = plan.ModelShape(**{**GPT2_SMALL.__dict__, "activation": "gelu_pytorch_tanh"})
+    saved = a8["activations"] - plan.activation_bytes(fused, 8, "bf16", False)["activations"]
+    assert saved == 12 * 12 * 8 * 1024 * 768 * 2
+
+
+def test_recommends_the_fastest_candidate_that_fits():
+    c = cluster(1, 8, mem_gb=24)
+    estimates = plan.plan(GPT2_SMALL, c, 256, "bf16", load_ds_template("ds_configs/zero1.json"))
+    best = estimates[0]
+    assert best.fits and best.device_total <= 24 * plan.GiB
+    assert all(best.step_s <= e.step_s + 1e-9 for e in estimates if e.fits)
+    assert any(not e.fits for e in estimates)  # micro-batch 32 does not fit in 24 GiB
+    assert best.grad_accum * best.candidate.micro_batch * 8 == 256
+
+
+def test_more_ranks_and_offload_lower_device_memory():
+    one = plan.estimate(GPT2_SMALL, plan.Candidate(3), cluster(1, 1), 8, "bf16", {})
+    eight = plan.estimate(GPT2_SMALL, plan.Candidate(3), cluster(1, 8), 8, "bf16", {})
+    off = plan.estimate(GPT2_SMALL, plan.Candidate(3, "cpu", "cpu"), cluster(1, 8), 8, "bf16", {})
+    assert one.device_total > eight.device_total > off.device_total
+    assert off.host_per_node > eight.host_per_node
+    assert off.step_parts["offload"] > 0 and eight.step_parts["offload"] == 0
+
+
+def run_plan(capsys, *args):
+    code = main(["plan", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plan_command_json_and_write(tmp_path, capsys):
+    out_path = tmp_path / "planned.json"
+    code, out, _ = run_plan(
+        capsys,
+        "--config",
+        "llm_ds/configs/gpt2-124m.yaml",
+        "--gpu",
+        "H100",
+        "--num_gpus",
+        "8",
+        "--cpu-mem-gb",
+        "512",
+        "--write",
+        str(out_path),
+        "--json",
+    )
+    assert code == 0
+    result = json.loads(out)
+    best = result["recommended"]
+    assert result["model"]["parameters"] == 124_439_808
+    assert best["fits"] and best["device_bytes"]["total"] < 80 * plan.GiB
+    assert result["run_config"]["train.micro_batch_size"] == best["micro_batch"]
+    written = json.loads(out_path.read_text())
+    assert written["zero_optimization"]["stage"] == best["stage"]
+    # The written template passes the same checks as a hand-written one, with the run values it implies.
+    from llm_ds.config import load_run_config
+
+    cfg = load_run_config(
+        "llm_ds/configs/gpt2-124m.yaml",
+        [f"{k}={v}" for k, v in result["run_config"].items()],
+    )
+    ds = resolve_ds_config(load_ds_template(out_path), cfg, 8, "bf16", 100, str(out_path))
+    assert ds["train_batch_size"] == result["global_batch"]
+
+
+def test_plan_table_names_the_recommendation(capsys):
+    code, out, _ = run_plan(capsys, "--gpu", "A100-40GB", "--config", "llm_ds/configs/gpt2-124m.yaml")
+    assert code == 0
+    assert "recommended: zero" in out and "per device: model_params" in out
+    assert "--set train.micro_batch_size=" in out
+
+
+def test_nothing_fits_says_what_would(capsys):
+    code, _, err = run_plan(
+        capsys,
+        "--gpu",
+        "T4",
+        "--config",
+        "llm_ds/configs/gpt2-124m.yaml",
+        "--set",
+        "model.n_layer=48",
+        "--set",
+        "model.n_embd=1600",
+        "--set",
+        "model.n_head=25",
+        "--cpu-mem-gb",
+        "16",
+    )
+    assert code == 1
+    assert "nothing fits" in err and "would fit:" in err and "nodes" in err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--gpu-mem-gb", "0", "--gpu", "H100"], "--gpu-mem-gb must be > 0, got 0"),
+        (["--cpu-mem-gb", "-4", "--gpu", "H100"], "--cpu-mem-gb must be > 0, got -4"),
+        (["--nvme-gb", "-1", "--gpu", "H100"], "--nvme-gb must be >= 0, got -1"),
+        (["--gpu", "Z9000"], "--gpu 'Z9000': unknown memory size; give --gpu-mem-gb"),
+        (["--gpu", "H100", "--set", "train.lr=-1"], "`train.lr` must be > 0"),
+        (["--gpu", "H100", "--set", "model.n_layr=2"], "model.n_layr"),
+    ],
+)
+def test_bad_input_is_one_line_naming_it(capsys, args, message):
+    code, _, err = run_plan(capsys, *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_bad_hostfile_fails_as_in_launch(tmp_path, capsys):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=8\nnode2 slots=zero\n")
+    code, _, plan_err = run_plan(capsys, "--gpu", "H100", "--hostfile", str(hostfile))
+    launch_code = main(["launch", "--hostfile", str(hostfile), "--dry-run"])
+    launch_err = capsys.readouterr().err
+    assert code == launch_code == 2
+    assert plan_err == launch_err and "slots=zero" in plan_err
+
+
+def test_hostfile_sets_nodes_and_ranks(tmp_path, capsys):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
+    code, out, _ = run_plan(
+        capsys, "--gpu", "H100", "--hostfile", str(hostfile), "--config", "llm_ds/configs/gpt2-124m.yaml", "--json"
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert result["cluster"]["nodes"] == 2 and result["cluster"]["ranks_per_node"] == 8
+    assert result["global_batch"] == 8 * 4 * 16
