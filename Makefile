@@ -9,7 +9,7 @@ DS_CONFIG ?= ds_configs/zero2.json
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps test test-unit lint format train smoke bench bench-data bench-logging docker smoke-multinode clean
+.PHONY: install sysdeps test test-unit lint format train smoke bench bench-memory bench-data bench-logging docker smoke-multinode clean
 
 install: $(STAMP)
 
@@ -78,9 +78,15 @@ smoke-multinode: install
 	$(PY) -m pytest -q tests/dist/test_multinode.py
 
 # Side by side on CPU: a plain PyTorch loop against llm-ds (ZeRO 0-3, 1 and 2 ranks), packed against
-# padded; writes bench/results/cpu.json.
+# padded, then memory per rank (bench-memory); writes bench/results/cpu.json.
 bench: install
 	$(PY) bench/bench_cpu.py
+	$(PY) bench/bench_memory.py
+
+# Memory per rank of a 29.5M-parameter GPT-2 under ZeRO 0-3, CPU and NVMe offload, 2 ranks: model
+# states and peak, against the ZeRO paper's bytes per parameter and `llm-ds plan`'s prediction.
+bench-memory: install
+	$(PY) bench/bench_memory.py
 
 # Data pipeline figures: tokenize+pack throughput, padding waste, cache; writes bench/results/data.json.
 bench-data: install
