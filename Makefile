@@ -9,7 +9,7 @@ DS_CONFIG ?= ds_configs/zero2.json
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps test test-unit lint format train smoke bench bench-memory bench-data bench-logging docker smoke-multinode clean
+.PHONY: install sysdeps test test-unit lint format train smoke bench bench-memory bench-gpu bench-data bench-logging docker smoke-multinode clean
 
 install: $(STAMP)
 
@@ -87,6 +87,11 @@ bench: install
 # states and peak, against the ZeRO paper's bytes per parameter and `llm-ds plan`'s prediction.
 bench-memory: install
 	$(PY) bench/bench_memory.py
+
+# One CUDA GPU: GPT-2 124M, sequence 1024, bf16; plain PyTorch against llm-ds ZeRO-1/2, with and without
+# torch.compile; writes bench/results/gpu-<card>.json.
+bench-gpu: install
+	PY=$(PY) bash bench/gpu.sh
 
 # Data pipeline figures: tokenize+pack throughput, padding waste, cache; writes bench/results/data.json.
 bench-data: install

@@ -10,7 +10,9 @@ writes DIR/rank<r>.json with:
   optimizer steps (when DeepSpeed has made its fp32 gradients), each storage counted once.
   Allocated bytes, as a GPU's allocator would hold them, whether touched or not.
 - peak_rss_growth_bytes: the process's peak resident set from just before the model was built
-  (Linux VmHWM, reset there) minus its resident set at that point: everything the run added.
+  (Linux VmHWM, reset there) minus its resident set at that point: everything the run added;
+  peak_allocated_growth_bytes: the same less the library pages that training first touched
+  (RssFile's growth after the engine was built), i.e. the memory the run allocated.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +49,15 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
+def status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory figure, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ds_config", required=True)
@@ -59,6 +71,7 @@ def main() -> None:
     rank, _, _ = dist_env()
     setup_logging(rank)
     run = build_run(cfg, template, args.ds_config)
+    file_pages_after_build = status_bytes("RssFile")
     engine = run.engine
     batches = iter(run.train_loader)
     states = 0
@@ -85,11 +98,20 @@ def main() -> None:
         "parameters": run.n_params,
         "model_state_bytes": states,
         "peak_rss_growth_bytes": peak_rss_bytes() - run.rss_before_model,
+        # Library code first run in training (backward, optimizer, collectives) is mapped from files
+        # into the resident set too; it is not memory the run allocated.
+        "file_pages_growth_bytes": status_bytes("RssFile") - file_pages_after_build,
     }
+    result["peak_allocated_growth_bytes"] = result["peak_rss_growth_bytes"] - result["file_pages_growth_bytes"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(result) + "\n")
     _finish()
+    # The figures are written: leave without C++ static destructors, where a communication thread
+    # left joinable now and then aborts the process ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

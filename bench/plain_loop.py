@@ -6,6 +6,9 @@ gradient-norm clipping, ``model(**batch)`` with labels equal to the inputs (the 
 them), no host sync except at log points. One process, no DeepSpeed.
 
     python bench/plain_loop.py --config RUN.yaml [--set section.key=value ...] --out result.json
+
+On a GPU it does what a careful user would: bf16 autocast (``train.precision``), torch's fused
+AdamW, pinned host batches copied without blocking, and ``--compile`` for ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -38,26 +41,49 @@ def main() -> None:
     parser.add_argument("--config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = parser.parse_args()
+    launched = time.perf_counter()
     cfg = load_run_config(args.config, args.overrides)
     t = cfg.train
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    precision = (
+        t.precision if t.precision != "auto" else ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32")
+    )
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.manual_seed(t.seed)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    loaders = build_loaders(cfg.data, tokenizer, t.micro_batch_size, 0, 1, 0, t.seed, t.eval_max_batches)
+    loaders = build_loaders(
+        cfg.data, tokenizer, t.micro_batch_size, 0, 1, 0, t.seed, t.eval_max_batches, pin_memory=cuda
+    )
     model = build_model(cfg.model, resolve_vocab_size(cfg.model, len(tokenizer)), tokenizer.eos_token_id, t.seed)
-    model.train()
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    model.to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(
+        param_groups(model, t.weight_decay),
+        lr=t.lr,
+        betas=tuple(t.betas),
+        eps=t.eps,
+        **({"fused": True} if cuda else {}),
+    )
+    forward = torch.compile(model) if args.compile else model
     batches = iter(loaders.train)
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.block_size
-    losses, start = [], None
+    losses, start, first_step_s = [], None, None
     for step in range(t.max_steps):
         if step == 1:
+            if cuda:
+                torch.cuda.synchronize()
+            first_step_s = time.perf_counter() - launched
             start = time.perf_counter()  # the first step carries one-off warm-up costs, as in llm-ds
         for group in optimizer.param_groups:
             group["lr"] = warmup_decay(step, t.warmup_steps, t.max_steps, t.min_lr, t.lr)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=device)
         for _ in range(t.grad_accum_steps):
-            loss = model(**next(batches)).loss / t.grad_accum_steps
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = forward(**batch).loss / t.grad_accum_steps
             loss.backward()
             loss_sum += loss.detach()
         if t.grad_clip:
@@ -66,9 +92,16 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         if step == 0 or (step + 1) % cfg.logging.log_interval == 0:
             losses.append((step + 1, loss_sum.item()))
+    if cuda:
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     result = {
         "steps": t.max_steps,
+        "parameters": n_params,
+        "precision": precision,
+        "compiled": args.compile,
+        "seconds_to_first_step": first_step_s,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "tokens_per_s": (t.max_steps - 1) * tokens_per_step / elapsed,
         "losses": losses,
         "final_loss": losses[-1][1],

@@ -52,6 +52,7 @@ def build_gpt2_config(cfg: ModelConfig, vocab_size: int, eos_token_id: int | Non
         eos_token_id=eos_token_id,
         use_cache=False,
         attn_implementation="sdpa",
+        activation_function=cfg.activation_function,
     )
 
 

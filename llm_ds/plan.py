@@ -76,7 +76,7 @@ class ModelShape:
     n_positions: int
     vocab: int
     seq: int
-    activation: str = "gelu_new"
+    activation: str = ModelConfig.activation_function
 
     @property
     def n_params(self) -> int:
@@ -300,8 +300,8 @@ def bucket_bytes(zero: dict[str, Any], stage: int, precision: str, n_params: int
     if stage in (1, 2):
         n = 2 if zero.get("overlap_comm", True) and stage == 2 else 1
         return n * cap(reduce) * e if zero.get("contiguous_gradients", True) else 0.0
-    prefetch = float(zero.get("stage3_prefetch_bucket_size", DEFAULT_BUCKET))
-    return (cap(reduce) + cap(prefetch)) * e
+    # ZeRO-3 keeps one flat gradient bucket; its prefetch "bucket" sizes fetches and holds no buffer.
+    return cap(reduce) * e
 
 
 def nvme_buffer_bytes(zero: dict[str, Any], cand: Candidate, n_params: int, world: int, precision: str) -> float:
@@ -508,7 +508,7 @@ def device_tflops(name: str, precision: str) -> float | None:
 
 def shape_from_config(cfg: RunConfig, vocab: int) -> ModelShape:
     m: ModelConfig = cfg.model
-    return ModelShape(m.n_layer, m.n_embd, m.n_head, m.n_positions, vocab, cfg.data.block_size)
+    return ModelShape(m.n_layer, m.n_embd, m.n_head, m.n_positions, vocab, cfg.data.block_size, m.activation_function)
 
 
 def ds_config_for(est: Estimate, template: dict[str, Any], nvme_path: str = "auto") -> dict[str, Any]:
@@ -533,7 +533,8 @@ def ds_config_for(est: Estimate, template: dict[str, Any], nvme_path: str = "aut
     ds["zero_optimization"] = zero
     opt = ds.get("optimizer", {}).get("params", {})
     if c.offload_optimizer != "none":
-        opt.pop("torch_adam", None)  # offload needs DeepSpeed's CPUAdam
+        for key in ("torch_adam", "fused", "foreach"):  # offload needs DeepSpeed's CPUAdam, which takes none
+            opt.pop(key, None)
     if "nvme" in (c.offload_optimizer, c.offload_param):
         ds.setdefault("aio", {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True})
     return ds

@@ -212,6 +212,8 @@ def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Ru
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config
     )
+    if cfg.train.compile:
+        engine.compile()  # compiled lazily, on the first forward
     resume_from = find_resume_point(cfg)
     if resume_from is not None:
         complete, _ = list_checkpoints(resume_from.parent)
@@ -319,6 +321,7 @@ def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:
         precision=run.precision,
         zero_stage=zero_stage(run.ds_config),
         wall_s=time.time() - start_time,
+        seconds_to_first_step=trainer.first_step_at - start_time if trainer.first_step_at else None,
         resumed_from=str(run.resume_from) if run.resume_from else None,
         resumed_at_step=resume_step,
     )

@@ -70,6 +70,7 @@ class Trainer:
         self._data_wait_s = 0.0  # this rank's time waiting for batches since the last log point
         self._slowest: list[int] = []  # the slowest rank at recent log points
         self.peak_memory_bytes = 0
+        self.first_step_at: float | None = None  # wall-clock time the first step of this process finished
         self.rss_before_model = rss_before_model
         # Per rank, the most seen at any log point: [rss before model, peak rss, device max allocated].
         self.rank_memory = [[0, 0, 0] for _ in range(world_size)]
@@ -236,6 +237,8 @@ class Trainer:
             step = self.state.step
             if step == 1 or step % log_every == 0 or step == self.total_steps:
                 get_accelerator().synchronize()  # queued device work belongs to this interval's time
+                if self.first_step_at is None:
+                    self.first_step_at = time.time()
                 elapsed = time.perf_counter() - interval_start
                 record = self._log_record(step, interval_steps, elapsed, interval_loss)
                 last_loss = record["train/loss"]

@@ -54,6 +54,7 @@ def test_overrides_are_typed_and_applied_in_order():
         ("model.n_embd=130", "`model.n_embd` must be divisible by model.n_head (4), got 130"),
         ("data.block_size=512", "`data.block_size` must be <= model.n_positions (256), got 512"),
         ("train.precision=fp8", "`train.precision` must be one of"),
+        ("model.activation_function=gelu_fast2", "`model.activation_function` must be one of"),
     ],
 )
 def test_bad_overrides_name_the_key(override, expected):

@@ -1,0 +1,223 @@
+"""GPU benchmark, one GPU: GPT-2 124M at sequence 1024 in bf16, a plain PyTorch loop against llm-ds.
+
+    make bench-gpu         # bench/gpu.sh: writes bench/results/gpu-<card>.json, prints a table
+
+Variants, each a separate process on the same data, weights and micro-batch (the largest that
+`llm-ds plan` fits with a 15% margin): (a) plain PyTorch (bench/plain_loop.py: bf16 autocast, fused
+AdamW), eager and torch.compile; (b) llm-ds under DeepSpeed ZeRO-1 and ZeRO-2, eager and with
+``train.compile``. Per variant: tokens/s after the first step, MFU (6N + 12LdT over the card's
+dense bf16 peak), peak allocated memory, seconds from process start to the end of the first step.
+
+``--smoke`` runs the same machinery with the tiny recipe for a few steps (also on CPU), to check
+the script before spending GPU time on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import machine_info
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llm_ds import plan  # noqa: E402
+from llm_ds.config import BUNDLED_TOKENIZER  # noqa: E402
+from llm_ds.monitor.metrics import mfu, peak_tflops, training_flops_per_token  # noqa: E402
+
+
+def card_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def choose_micro_batch(card: str, seq: int) -> int:
+    """The largest micro-batch that `llm-ds plan` fits on this card with ZeRO-1, 15% to spare."""
+    memory = plan.device_memory(card)
+    if memory is None:
+        return 8
+    shape = plan.ModelShape(12, 768, 12, 1024, 50257, seq)
+    cluster = plan.Cluster(1, 1, card, memory, 512 * plan.GiB, 0, 400.0)
+    template = json.loads((ROOT / "ds_configs" / "zero1.json").read_text())
+    best = 1
+    for micro in (1, 2, 4, 8, 16, 32, 64):
+        est = plan.estimate(shape, plan.Candidate(1, micro_batch=micro), cluster, micro, "bf16", {}, template)
+        if est.device_total <= 0.85 * memory:
+            best = micro
+    return best
+
+
+def common_sets(smoke: bool, micro: int, steps: int, cache: str, out: str) -> list[str]:
+    sets = {
+        "data.tokenizer": str(BUNDLED_TOKENIZER),
+        "data.cache_dir": cache,
+        "train.micro_batch_size": micro,
+        "train.grad_accum_steps": 1,
+        "train.max_steps": steps,
+        "train.warmup_steps": 5,
+        "train.eval_interval": 0,
+        "train.eval_max_batches": 1,
+        "train.output_dir": out,
+        "logging.log_interval": max(1, steps // 4),
+        "logging.tensorboard": "false",
+        "checkpoint.interval": 0,
+        "checkpoint.save_final": "false",
+        "checkpoint.resume": "never",
+    }
+    if not smoke:
+        sets["train.precision"] = "bf16"
+    return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+
+
+def plain(config: str, sets: list[str], compiled: bool, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "plain.json"
+        cmd = [sys.executable, str(ROOT / "bench" / "plain_loop.py"), "--config", config, *sets, "--out", str(result)]
+        proc = run([*cmd, *(["--compile"] if compiled else [])], timeout)
+        if proc.returncode:
+            return {"error": (proc.stderr or proc.stdout)[-1500:]}
+        r = json.loads(result.read_text())
+    return {
+        "tokens_per_s": r["tokens_per_s"],
+        "peak_memory_bytes": r["peak_memory_bytes"],
+        "seconds_to_first_step": r["seconds_to_first_step"],
+        "final_loss": r["final_loss"],
+    }
+
+
+def llm_ds(config: str, sets: list[str], stage: int, compiled: bool, out: str, timeout: float) -> dict:
+    cmd = [
+        sys.executable,
+        str(ROOT / "llm_ds" / "train.py"),
+        "--config",
+        config,
+        "--ds_config",
+        str(ROOT / "ds_configs" / f"zero{stage}.json"),
+        *sets,
+        *(["--set", "train.compile=true"] if compiled else []),
+    ]
+    proc = run(cmd, timeout)
+    if proc.returncode:
+        return {"error": (proc.stderr or proc.stdout)[-1500:]}
+    s = json.loads((Path(out) / "summary.json").read_text())
+    return {
+        "tokens_per_s": s["tokens_per_s"],
+        "peak_memory_bytes": s["peak_memory_bytes"],
+        "seconds_to_first_step": s["seconds_to_first_step"],
+        "final_loss": s["final_train_loss"],
+        "mfu_reported": s["mfu"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for gpu-<card>.json")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--smoke", action="store_true", help="tiny recipe, a few steps: check the script")
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per variant")
+    parser.add_argument("--variants", default="plain,plain_compile,zero1,zero2,zero1_compile,zero2_compile")
+    args = parser.parse_args()
+
+    import deepspeed
+    import torch
+    import transformers
+
+    card = card_name()
+    config = str(ROOT / "llm_ds" / "configs" / ("tiny.yaml" if args.smoke else "gpt2-124m.yaml"))
+    seq = 128 if args.smoke else 1024
+    micro = 4 if args.smoke else choose_micro_batch(card, seq)
+    steps = 6 if args.smoke else args.steps
+    shape = (4, 128, 256, 8192) if args.smoke else (12, 768, 1024, 50257)
+    n_layer, n_embd, n_positions, vocab = shape
+    n_params = plan.ModelShape(n_layer, n_embd, 1, n_positions, vocab, seq).n_params
+    flops = training_flops_per_token(n_params, n_positions * n_embd, n_layer, n_embd, seq)
+    peak = peak_tflops(card, "bf16")
+
+    work = Path(tempfile.mkdtemp(prefix="llm-ds-bench-gpu-"))
+    cache = str(work / "cache")
+    results: dict[str, dict] = {}
+    print(f"{card}: GPT-2 {n_params:,} parameters, sequence {seq}, micro-batch {micro}, {steps} steps", flush=True)
+    for name in args.variants.split(","):
+        out = str(work / name)
+        sets = common_sets(args.smoke, micro, steps, cache, out)
+        compiled = name.endswith("_compile")
+        start = time.perf_counter()
+        try:
+            if name.startswith("plain"):
+                r = plain(config, sets, compiled, args.timeout)
+            else:
+                r = llm_ds(config, sets, int(name[4]), compiled, out, args.timeout)
+        except subprocess.TimeoutExpired:
+            r = {"error": f"timed out after {args.timeout:.0f} s"}
+        r["wall_s"] = time.perf_counter() - start
+        if "tokens_per_s" in r and r["tokens_per_s"]:
+            r["mfu"] = mfu(r["tokens_per_s"], flops, peak)
+        results[name] = r
+        status = f"{r['tokens_per_s']:,.0f} tokens/s" if r.get("tokens_per_s") else r.get("error", "")[-200:]
+        print(f"  {name}: {status} ({r['wall_s']:.0f} s)", flush=True)
+
+    def ratio(a: str, b: str) -> float | None:
+        x, y = results.get(a, {}).get("tokens_per_s"), results.get(b, {}).get("tokens_per_s")
+        return x / y if x and y else None
+
+    report = {
+        "card": card,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_info(),
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__,
+        },
+        "setup": {
+            "parameters": n_params,
+            "sequence": seq,
+            "micro_batch": micro,
+            "steps": steps,
+            "precision": "bf16" if not args.smoke else "auto",
+            "flops_per_token": flops,
+            "peak_tflops": peak,
+            "smoke": args.smoke,
+        },
+        "variants": results,
+        "ratios": {
+            "zero1_vs_plain": ratio("zero1", "plain"),
+            "zero2_vs_plain": ratio("zero2", "plain"),
+            "zero1_compile_vs_plain_compile": ratio("zero1_compile", "plain_compile"),
+            "plain_compile_vs_plain": ratio("plain_compile", "plain"),
+        },
+    }
+    slug = "".join(c if c.isalnum() else "-" for c in card.lower()).strip("-")
+    path = Path(args.out) / f"gpu-{slug}{'-smoke' if args.smoke else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{'variant':<16}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'first step s':>14}")
+    for name, r in results.items():
+        if r.get("tokens_per_s"):
+            mem = r["peak_memory_bytes"] / 2**30 if r.get("peak_memory_bytes") else float("nan")
+            m = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+            print(f"{name:<16}{r['tokens_per_s']:>12,.0f}{m:>8}{mem:>10.1f}{r['seconds_to_first_step']:>14.1f}")
+        else:
+            print(f"{name:<16}  failed")
+    for name, value in report["ratios"].items():
+        if value is not None:
+            print(f"{name:<34}{value:>8.3f}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
