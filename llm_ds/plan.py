@@ -595,6 +595,9 @@ def plan_command_parser(subparsers) -> None:
     parser.add_argument("--cpu-mem-gb", type=float, help="host memory per node in GiB (default: this machine's)")
     parser.add_argument("--nvme-gb", type=float, default=0.0, help="NVMe space per node in GB (default 0: none)")
     parser.add_argument("--tflops", type=float, help="sustained TFLOP/s per device (default: 40%% of peak)")
+    parser.add_argument(
+        "--from-run", metavar="RUN_DIR", help="take the sustained TFLOP/s per device from a finished run's summary.json"
+    )
     parser.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: the run config's)")
     parser.add_argument("--intra-node-gbs", type=float, default=150.0, help="GB/s per rank within a node")
     parser.add_argument("--inter-node-gbs", type=float, default=25.0, help="GB/s per rank between nodes")
@@ -613,9 +616,30 @@ def _positive(args, names: tuple[str, ...]) -> None:
             raise PlanError(f"--{name} must be > 0, got {value:g}")
 
 
+def measured_tflops(run_dir: str) -> float:
+    """Sustained TFLOP/s per device of a finished run: its tokens/s per rank times its FLOPs per token."""
+    import yaml
+
+    folder = Path(run_dir)
+    summary_path, config_path = folder / "summary.json", folder / "config.yaml"
+    if not summary_path.is_file() or not config_path.is_file():
+        raise PlanError(f"--from-run {run_dir}: no summary.json and config.yaml there (a finished run's folder)")
+    summary = json.loads(summary_path.read_text())
+    model = yaml.safe_load(config_path.read_text())["model"]
+    if not summary.get("tokens_per_s"):
+        raise PlanError(f"--from-run {run_dir}: summary.json has no tokens_per_s (the run trained a single step)")
+    d, layers, positions = model["n_embd"], model["n_layer"], model["n_positions"]
+    # The token table's rows (padded vocabulary), solved from the parameter count.
+    vocab = (summary["parameters"] - positions * d - layers * (12 * d * d + 13 * d) - 2 * d) // d
+    shape = ModelShape(layers, d, model["n_head"], positions, vocab, summary["block_size"])
+    return summary["tokens_per_s"] / summary["world_size"] * shape.flops_per_token() / 1e12
+
+
 def build_cluster(args, world: int, nodes: int, precision: str) -> Cluster:
     import psutil
 
+    if args.from_run:
+        args.tflops = measured_tflops(args.from_run)
     _positive(args, ("gpu-mem-gb", "cpu-mem-gb", "tflops", "intra-node-gbs", "inter-node-gbs", "pcie-gbs", "nvme-gbs"))
     if args.nvme_gb is not None and args.nvme_gb < 0:
         raise PlanError(f"--nvme-gb must be >= 0, got {args.nvme_gb:g}")
@@ -623,7 +647,7 @@ def build_cluster(args, world: int, nodes: int, precision: str) -> Cluster:
     per_node = world // nodes
     if args.device == "cpu":
         device, device_mem = "cpu", cpu_mem / per_node
-        tflops = args.tflops or 0.1  # a CPU rank sustains about 0.1 TFLOP/s; measure and pass --tflops
+        tflops = args.tflops or 0.05  # what a rank of 2 CPU cores sustained here; --from-run measures yours
     else:
         device = args.gpu
         if device is None:

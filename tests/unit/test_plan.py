@@ -233,3 +233,15 @@ def test_hostfile_sets_nodes_and_ranks(tmp_path, capsys):
     result = json.loads(out)
     assert result["cluster"]["nodes"] == 2 and result["cluster"]["ranks_per_node"] == 8
     assert result["global_batch"] == 8 * 4 * 16
+
+
+def test_from_run_takes_the_measured_throughput(tmp_path, capsys):
+    shape = plan.ModelShape(4, 128, 4, 256, 8192, 128)
+    (tmp_path / "config.yaml").write_text("model:\n  n_layer: 4\n  n_embd: 128\n  n_head: 4\n  n_positions: 256\n")
+    summary = {"tokens_per_s": 8000.0, "world_size": 2, "parameters": shape.n_params, "block_size": 128}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert plan.measured_tflops(str(tmp_path)) == pytest.approx(4000 * shape.flops_per_token() / 1e12)
+    code, out, _ = run_plan(capsys, "--device", "cpu", "--num_gpus", "2", "--from-run", str(tmp_path), "--json")
+    assert code == 0 and json.loads(out)["cluster"]["tflops"] == pytest.approx(plan.measured_tflops(str(tmp_path)))
+    code, _, err = run_plan(capsys, "--device", "cpu", "--from-run", str(tmp_path / "nowhere"))
+    assert code == 2 and "--from-run" in err and len(err.strip().splitlines()) == 1
