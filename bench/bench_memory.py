@@ -142,8 +142,8 @@ def predicted(cand: plan.Candidate, extra: dict, template: dict) -> dict:
     host = sum(est.host_states.values())
     return {
         "model_states": est.model_state_bytes() + host,
-        # The planner's host figure carries DeepSpeed's 1.5x buffer factor for offload's staging.
-        "peak": est.device_total + est.host_per_node / RANKS,
+        # The planner's best estimate; its host figure for fitting adds DeepSpeed's 1.5x buffer factor.
+        "peak": est.device_total + host,
         "parts": {**est.device, "framework": est.framework, **est.host_states},
     }
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_ds.config import ConfigError, ModelConfig, RunConfig
-from llm_ds.monitor.metrics import PEAK_TFLOPS, training_flops_per_token
+from llm_ds.monitor.metrics import peak_tflops, training_flops_per_token
 
 GiB = 1024**3
 # Memory per device by name (GiB), matched by substring like PEAK_TFLOPS, most specific first.
@@ -55,6 +55,9 @@ DEVICE_MEMORY_GIB: list[tuple[str, float]] = [
     ("RTX 3090", 24.0),
 ]
 CUDA_CONTEXT_BYTES = int(1.0 * GiB)  # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers: not in torch's allocator
+# On CPU ranks, a ZeRO engine holds this much host memory that is in no tensor (measured: 65-70 MiB
+# per rank for 5M- and 30M-parameter models alike, ZeRO 1-3; bench/bench_memory.py).
+CPU_ZERO_RUNTIME_BYTES = 64 * 2**20
 ALLOCATOR_SLACK = 0.05  # fragmentation of the caching allocator, as a fraction of what is allocated
 DEFAULT_EFFICIENCY = 0.40  # sustained fraction of peak FLOP/s when no --tflops is measured
 CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed's CPUAdam (AVX-512), per node
@@ -282,10 +285,10 @@ def activation_bytes(shape: ModelShape, micro_batch: int, precision: str, checkp
     else:
         blocks = shape.n_layer * per_block * per_tensor
     blocks += 2 * per_tensor  # embedding sum, final LayerNorm
-    # The loss's worst moment, early in backward: log-softmax saved from forward, its gradient, and the
-    # logits' fp32 gradient (16-bit logits and their fp32 copy are freed by then; in forward they are
-    # the same size or less).
-    logits = tokens * shape.vocab * 12
+    # The loss's worst moment, early in backward: log-softmax saved from forward and its fp32
+    # gradient, then the logits' gradient in the model's dtype (the logits and their fp32 copy are
+    # freed by then; in forward they take no more).
+    logits = tokens * shape.vocab * (8 + e)
     return {"activations": blocks, "logits": logits}
 
 
@@ -404,7 +407,12 @@ def estimate(
     parts = step_time(shape, cand, cluster, global_batch, precision)
     est = Estimate(cand, global_batch // (n * cand.micro_batch), device, host, nvme, sum(parts.values()), parts)
     est.host_states = host_parts
-    est.framework = int(est.peak_allocated() * ALLOCATOR_SLACK + (0 if cluster.is_cpu else CUDA_CONTEXT_BYTES))
+    if cluster.is_cpu:
+        fixed = CPU_ZERO_RUNTIME_BYTES if cand.stage > 0 else 0
+    else:
+        fixed = CUDA_CONTEXT_BYTES
+    # A GPU's caching allocator fragments; on CPU freed tensors go back to the system.
+    est.framework = int(est.peak_allocated() * (0 if cluster.is_cpu else ALLOCATOR_SLACK) + fixed)
     device_need = est.device_total * (r if cluster.is_cpu else 1)
     device_cap = cluster.device_mem * (r if cluster.is_cpu else 1)
     host_need = host + (device_need if cluster.is_cpu else 0)
@@ -496,13 +504,6 @@ def device_memory(name: str) -> float | None:
     for key, gib in DEVICE_MEMORY_GIB:
         if key.lower() in name.lower():
             return gib * GiB
-    return None
-
-
-def device_tflops(name: str, precision: str) -> float | None:
-    for key, peaks in PEAK_TFLOPS:
-        if key.lower() in name.lower():
-            return peaks.get(precision) or peaks.get("fp16")
     return None
 
 
@@ -660,7 +661,7 @@ def build_cluster(args, world: int, nodes: int, precision: str) -> Cluster:
         if device_mem is None:
             known = ", ".join(k for k, _ in DEVICE_MEMORY_GIB)
             raise PlanError(f"--gpu {device!r}: unknown memory size; give --gpu-mem-gb (known: {known})")
-        peak = device_tflops(device, precision)
+        peak = peak_tflops(device, precision)
         if args.tflops is None and peak is None:
             raise PlanError(f"--gpu {device!r}: unknown peak throughput; give --tflops (sustained TFLOP/s per GPU)")
         tflops = args.tflops or DEFAULT_EFFICIENCY * peak
