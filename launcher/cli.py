@@ -7,9 +7,13 @@ import os
 import shlex
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from launcher.command import LAUNCHERS, LaunchSpec, build_command, propagated_env, world_size, write_env_file
 from launcher.hostfile import HostfileError, parse_hostfile
+
+if TYPE_CHECKING:
+    from llm_ds.config import RunConfig
 
 
 def launch_command_parser(subparsers) -> None:
@@ -20,11 +24,8 @@ def launch_command_parser(subparsers) -> None:
         "all ranks, unknown keys, the NVMe path) before any node starts; then run DeepSpeed's runner with "
         "llm_ds/train.py, propagating NCCL_*, GLOO_*, HF_*, WANDB_* and --env names to every node.",
     )
-    parser.add_argument("--hostfile", help="DeepSpeed hostfile (default: this node only)")
+    add_job_arguments(parser)
     parser.add_argument("--launcher", choices=LAUNCHERS, default="pdsh")
-    parser.add_argument("--include", help="hosts/slots to use, as the runner spells it: host1:0,1@host2")
-    parser.add_argument("--exclude", help="hosts/slots to leave out, same spelling")
-    parser.add_argument("--num_gpus", type=int, help="ranks on this node when there is no hostfile")
     parser.add_argument("--master_addr")
     parser.add_argument("--master_port", type=int)
     parser.add_argument("--node_rank", type=int, help="with --launcher no-ssh: this node's rank")
@@ -37,14 +38,31 @@ def launch_command_parser(subparsers) -> None:
         help="another environment variable to propagate; repeatable",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the command and environment, start nothing")
-    parser.add_argument("--config", help="run config YAML")
-    parser.add_argument("--ds_config", help="DeepSpeed JSON template (default: ds_configs/zero1.json)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.set_defaults(func=launch_command)
 
 
-def validate(args: argparse.Namespace) -> tuple[LaunchSpec, Path]:
-    """Every check, in the order a user would fix them; returns the spec and the run's output folder."""
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a job is, for every command that checks one (`launch`, `plan`): where its ranks run, its
+    run config and its DeepSpeed template."""
+    parser.add_argument("--hostfile", help="DeepSpeed hostfile (default: this node only)")
+    parser.add_argument("--include", help="hosts/slots to use, as the runner spells it: host1:0,1@host2")
+    parser.add_argument("--exclude", help="hosts/slots to leave out, same spelling")
+    parser.add_argument("--num_gpus", type=int, help="ranks on this node when there is no hostfile")
+    parser.add_argument("--config", help="run config YAML (default: the tiny recipe)")
+    parser.add_argument("--ds_config", help="DeepSpeed JSON template (default: ds_configs/zero1.json)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+
+class CheckedJob(NamedTuple):
+    spec: LaunchSpec
+    cfg: RunConfig
+    template: dict
+    ranks: int
+
+
+def validate(args: argparse.Namespace) -> CheckedJob:
+    """Every check, in the order a user would fix them; returns the spec, the loaded run config and
+    DeepSpeed template, and the number of ranks."""
     from llm_ds.config import ConfigError, load_run_config
     from llm_ds.ds_config import load_ds_template, resolve_ds_config, resolve_precision, uses_nvme
 
@@ -81,19 +99,19 @@ def validate(args: argparse.Namespace) -> tuple[LaunchSpec, Path]:
         probe = next((p for p in (nvme, *nvme.parents) if p.exists()), None)
         if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK):
             raise ConfigError(f"train.nvme_path={nvme}: not writable here ({probe} is the nearest existing path)")
-    return spec, cfg.output_dir
+    return CheckedJob(spec, cfg, template, ranks)
 
 
 def launch_command(args: argparse.Namespace) -> int:
     from llm_ds.monitor.metrics import redact
 
-    spec, output_dir = validate(args)
+    spec, cfg, _, ranks = validate(args)
     argv = build_command(spec)
     env = propagated_env(dict(os.environ), spec.env_names)
-    env_file = (output_dir / ".deepspeed_env").resolve()
+    env_file = (cfg.output_dir / ".deepspeed_env").resolve()
     if args.dry_run:
         print(shlex.join(argv))
-        print(f"# {world_size(spec)} rank(s); propagated to every node through {env_file}:")
+        print(f"# {ranks} rank(s); propagated to every node through {env_file}:")
         for name, value in env.items():
             print(f"{name}={redact(value) if name not in _secret_names(env) else '***'}")
         return 0

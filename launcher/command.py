@@ -53,19 +53,25 @@ def parse_resources(text: str, hosts: list[Host], flag: str) -> dict[str, list[i
     return out
 
 
-def world_size(spec: LaunchSpec) -> int:
-    """Total ranks the launch will start: the selected slots of the hostfile, or ``num_gpus``."""
-    if spec.hosts is None:
-        return spec.num_gpus or 1
+def selected_slots(spec: LaunchSpec) -> dict[str, int]:
+    """Ranks the launch will start on each host of the hostfile, after ``--include``/``--exclude``."""
+    assert spec.hosts is not None
     if spec.include and spec.exclude:
         raise HostfileError("--include and --exclude cannot be used together")
     if spec.include:
-        return sum(len(s) for s in parse_resources(spec.include, spec.hosts, "--include").values())
+        return {name: len(s) for name, s in parse_resources(spec.include, spec.hosts, "--include").items()}
     total = {h.name: h.slots for h in spec.hosts}
     if spec.exclude:
         for name, slots in parse_resources(spec.exclude, spec.hosts, "--exclude").items():
             total[name] -= len(set(slots))
-    return sum(total.values())
+    return total
+
+
+def world_size(spec: LaunchSpec) -> int:
+    """Total ranks the launch will start: the selected slots of the hostfile, or ``num_gpus``."""
+    if spec.hosts is None:
+        return spec.num_gpus or 1
+    return sum(selected_slots(spec).values())
 
 
 def is_this_node_only(hosts: list[Host] | None) -> bool:

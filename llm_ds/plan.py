@@ -576,6 +576,8 @@ def write_plan(path: Path, ds: dict[str, Any]) -> None:
 
 
 def plan_command_parser(subparsers) -> None:
+    from launcher.cli import add_job_arguments
+
     parser = subparsers.add_parser(
         "plan",
         help="choose ZeRO stage, offload and micro-batch for a cluster before launching",
@@ -583,13 +585,7 @@ def plan_command_parser(subparsers) -> None:
         "buffers), host and NVMe memory per node, and step time for every ZeRO stage, offload, activation "
         "checkpointing and micro-batch; recommend the fastest that fits and optionally write its DeepSpeed config.",
     )
-    parser.add_argument("--config", help="run config YAML (default: the tiny recipe)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--ds_config", help="DeepSpeed template to start from (default: ds_configs/zero1.json)")
-    parser.add_argument("--hostfile", help="DeepSpeed hostfile (default: this node, --num_gpus ranks)")
-    parser.add_argument("--include", help="hosts/slots to use, as the runner spells it")
-    parser.add_argument("--exclude", help="hosts/slots to leave out")
-    parser.add_argument("--num_gpus", type=int, help="ranks per node without a hostfile (default 1)")
+    add_job_arguments(parser)
     parser.add_argument("--gpu", help="GPU name, e.g. H100, A100-40GB (default: this machine's GPU)")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="plan GPU ranks or CPU ranks")
     parser.add_argument("--gpu-mem-gb", type=float, help="memory per GPU in GiB (default: by --gpu's name)")
@@ -685,39 +681,19 @@ def plan_command(args) -> int:
     import sys
 
     from launcher.cli import validate
-    from launcher.command import parse_resources
-    from llm_ds.ds_config import load_ds_template, resolve_precision
+    from launcher.command import selected_slots
+    from llm_ds.ds_config import resolve_precision
 
     # The hostfile, run config and DeepSpeed template pass the same checks as `llm-ds launch`.
     launch_args = argparse.Namespace(
-        hostfile=args.hostfile,
-        launcher="pdsh",
-        include=args.include,
-        exclude=args.exclude,
-        num_gpus=args.num_gpus,
-        master_addr=None,
-        master_port=None,
-        node_rank=None,
-        config=args.config,
-        ds_config=args.ds_config,
-        overrides=args.overrides,
-        env_names=[],
+        **vars(args), launcher="pdsh", master_addr=None, master_port=None, node_rank=None, env_names=[]
     )
-    spec, _ = validate(launch_args)
-    from launcher.command import world_size
-    from llm_ds.config import load_run_config
-
-    world = world_size(spec)
-    if spec.hosts is None:
-        nodes = 1
-    elif spec.include:
-        nodes = len(parse_resources(spec.include, spec.hosts, "--include"))
-    else:
-        nodes = len(spec.hosts)
-    if world % nodes:
-        raise PlanError(f"{world} ranks over {nodes} nodes: plan assumes the same number of ranks on every node")
-    cfg = load_run_config(args.config, args.overrides)
-    template = load_ds_template(args.ds_config)
+    spec, cfg, template, world = validate(launch_args)
+    ranks_per_host = {h: n for h, n in (selected_slots(spec) if spec.hosts else {"this node": world}).items() if n}
+    if len(set(ranks_per_host.values())) > 1:
+        slots = ", ".join(f"{host}: {n}" for host, n in ranks_per_host.items())
+        raise PlanError(f"plan assumes the same number of ranks on every node; the hostfile selects {slots}")
+    nodes = len(ranks_per_host)
     if args.device == "cpu":
         precision = resolve_precision(cfg.train.precision, template, "cpu", False, False)
     else:

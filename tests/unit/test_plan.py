@@ -245,3 +245,13 @@ def test_from_run_takes_the_measured_throughput(tmp_path, capsys):
     assert code == 0 and json.loads(out)["cluster"]["tflops"] == pytest.approx(plan.measured_tflops(str(tmp_path)))
     code, _, err = run_plan(capsys, "--device", "cpu", "--from-run", str(tmp_path / "nowhere"))
     assert code == 2 and "--from-run" in err and len(err.strip().splitlines()) == 1
+
+
+def test_nodes_are_the_hosts_left_after_exclude_and_must_be_even(tmp_path, capsys):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=8\nnode2 slots=4\n")
+    code, _, err = run_plan(capsys, "--gpu", "H100", "--hostfile", str(hostfile))
+    assert code == 2 and "node1: 8, node2: 4" in err
+    code, out, _ = run_plan(capsys, "--gpu", "H100", "--hostfile", str(hostfile), "--exclude", "node2", "--json")
+    assert code == 0
+    assert json.loads(out)["cluster"]["nodes"] == 1 and json.loads(out)["cluster"]["ranks_per_node"] == 8
