@@ -31,7 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
 
 from llm_ds.config import load_run_config  # noqa: E402
 from llm_ds.ds_config import load_ds_template  # noqa: E402
-from llm_ds.monitor.metrics import peak_rss_bytes  # noqa: E402
+from llm_ds.monitor.metrics import peak_rss_bytes, proc_status_bytes  # noqa: E402
 from llm_ds.runtime import _finish, build_run, dist_env, init_distributed, setup_logging  # noqa: E402
 
 
@@ -49,15 +49,6 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
-def status_bytes(field: str) -> int:
-    """A ``/proc/self/status`` memory figure, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ds_config", required=True)
@@ -71,7 +62,7 @@ def main() -> None:
     rank, _, _ = dist_env()
     setup_logging(rank)
     run = build_run(cfg, template, args.ds_config)
-    file_pages_after_build = status_bytes("RssFile")
+    file_pages_after_build = proc_status_bytes("RssFile")
     engine = run.engine
     batches = iter(run.train_loader)
     states = 0
@@ -100,7 +91,7 @@ def main() -> None:
         "peak_rss_growth_bytes": peak_rss_bytes() - run.rss_before_model,
         # Library code first run in training (backward, optimizer, collectives) is mapped from files
         # into the resident set too; it is not memory the run allocated.
-        "file_pages_growth_bytes": status_bytes("RssFile") - file_pages_after_build,
+        "file_pages_growth_bytes": proc_status_bytes("RssFile") - file_pages_after_build,
     }
     result["peak_allocated_growth_bytes"] = result["peak_rss_growth_bytes"] - result["file_pages_growth_bytes"]
     out = Path(args.out)

@@ -100,15 +100,24 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size since it started or since ``reset_peak_rss``."""
+def proc_status_bytes(field: str) -> int | None:
+    """A memory figure of this process from Linux's ``/proc/self/status`` (``VmHWM``, ``RssFile``, ...),
+    in bytes; None where there is no such file or field."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size since it started or since ``reset_peak_rss``."""
+    peak = proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
