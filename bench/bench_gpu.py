@@ -49,7 +49,7 @@ def choose_micro_batch(card: str, seq: int) -> int:
     template = json.loads((ROOT / "ds_configs" / "zero1.json").read_text())
     best = 1
     for micro in (1, 2, 4, 8, 16, 32, 64):
-        est = plan.estimate(shape, plan.Candidate(1, micro_batch=micro), cluster, micro, "bf16", {}, template)
+        est = plan.estimate(shape, plan.Candidate(1, micro_batch=micro), cluster, micro, "bf16", template)
         if est.device_total <= 0.85 * memory:
             best = micro
     return best

@@ -136,14 +136,10 @@ def predicted(cand: plan.Candidate, extra: dict, template: dict) -> dict:
         s["model.n_layer"], s["model.n_embd"], s["model.n_head"], s["model.n_positions"], VOCAB, s["data.block_size"]
     )
     cluster = plan.Cluster(1, RANKS, "cpu", 64 * plan.GiB, 128 * plan.GiB, 1e12, 0.1)
-    est = plan.estimate(
-        shape, cand, cluster, RANKS * cand.micro_batch, PRECISION, template["zero_optimization"], template
-    )
-    host = sum(est.host_states.values())
+    est = plan.estimate(shape, cand, cluster, RANKS * cand.micro_batch, PRECISION, template)
     return {
-        "model_states": est.model_state_bytes() + host,
-        # The planner's best estimate; its host figure for fitting adds DeepSpeed's 1.5x buffer factor.
-        "peak": est.device_total + host,
+        "model_states": est.model_state_bytes() + sum(est.host_states.values()),
+        "peak": est.cpu_rank_bytes(),
         "parts": {**est.device, "framework": est.framework, **est.host_states},
     }
 

@@ -162,6 +162,11 @@ class Estimate:
         d = self.device
         return d["model_params"] + d["model_grads"] + d["fp32_grads"] + d["model_optimizer"] + d["buckets"]
 
+    def cpu_rank_bytes(self) -> int:
+        """On CPU ranks the device is the host: what one rank holds at its peak, offloaded states included
+        (without the 1.5x buffer factor that the host figure for fitting adds)."""
+        return self.device_total + int(sum(self.host_states.values()))
+
     def peak_allocated(self) -> int:
         d = self.device
         resident = d["model_params"] + d["model_grads"] + d["model_optimizer"] + d["buckets"]
@@ -363,16 +368,17 @@ def estimate(
     cluster: Cluster,
     global_batch: int,
     precision: str,
-    zero: dict[str, Any],
     template: dict[str, Any] | None = None,
 ) -> Estimate:
-    """Memory per rank and node, and step time, of one candidate; ``fits`` and ``margin`` filled in.
+    """Memory per rank and node, and step time, of one candidate under a DeepSpeed template (its
+    ``zero_optimization`` buckets and limits, its optimizer); ``fits`` and ``margin`` filled in.
 
     The device's peak is the larger of two moments: the end of forward / start of backward (16-bit
     states, activations, logits) and the optimizer step (fp32 gradients and the optimizer's scratch).
     """
     n = cluster.world
-    template = template or {"zero_optimization": zero}
+    template = template or {}
+    zero = template.get("zero_optimization") or {}
     states = model_states(shape.n_params, shape.largest_layer_params, cand.stage, n, precision, cand, zero)
     acts = activation_bytes(shape, cand.micro_batch, precision, cand.activation_checkpointing)
     d = states["device"]
@@ -452,10 +458,8 @@ def plan(
         raise PlanError(f"global batch {global_batch} is not divisible by the {cluster.world} ranks of the hostfile")
     per_rank = global_batch // cluster.world
     sizes = [m for m in (1, 2, 4, 8, 16, 32, 64, 128) if per_rank % m == 0]
-    template = template or {}
-    zero = template.get("zero_optimization") or {}
     out = [
-        estimate(shape, c, cluster, global_batch, precision, zero, template)
+        estimate(shape, c, cluster, global_batch, precision, template)
         for c in candidates(micro_batches=sizes, allow_nvme=cluster.nvme > 0)
     ]
     return sorted(out, key=lambda e: (not e.fits, round(e.step_s, 6), e.device_total))

@@ -65,7 +65,7 @@ def test_zero2_offload_agrees_with_deepspeeds_estimator_on_device_and_host(ranks
 def test_zero3_offload_agrees_with_deepspeeds_estimator(nodes, ranks, offload):
     p, largest = GPT2_SMALL.n_params, GPT2_SMALL.largest_layer_params
     c = cluster(nodes, ranks)
-    zero = {"stage3_max_live_parameters": 0}  # the estimator's working set: the largest layer
+    zero = {"zero_optimization": {"stage3_max_live_parameters": 0}}  # the estimator's working set: the largest layer
     ours = plan.estimate(GPT2_SMALL, plan.Candidate(3, *offload), c, c.world, "bf16", zero)
     ds_cpu, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
         p, largest, ranks, nodes, cpu_offload=True, cpu_offload_params=offload[1] == "cpu", zero_init=True
@@ -80,7 +80,8 @@ def test_zero3_counts_the_16bit_gradient_partition_deepspeeds_estimator_leaves_o
     also holds its 16-bit gradient partition when the optimizer steps: 20 over N."""
     p, largest = GPT2_SMALL.n_params, GPT2_SMALL.largest_layer_params
     c = cluster(nodes, ranks)
-    ours = plan.estimate(GPT2_SMALL, plan.Candidate(3), c, c.world, "bf16", {"stage3_max_live_parameters": 0})
+    zero = {"zero_optimization": {"stage3_max_live_parameters": 0}}
+    ours = plan.estimate(GPT2_SMALL, plan.Candidate(3), c, c.world, "bf16", zero)
     _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(p, largest, ranks, nodes, cpu_offload=False, zero_init=True)
     assert device_states(ours) - ds_gpu == pytest.approx(2 * p / c.world, rel=1e-6)
 
