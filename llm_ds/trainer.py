@@ -69,7 +69,6 @@ class Trainer:
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self._data_wait_s = 0.0  # this rank's time waiting for batches since the last log point
         self._slowest: list[int] = []  # the slowest rank at recent log points
-        self.peak_memory_bytes = 0
         self.first_step_at: float | None = None  # wall-clock time the first step of this process finished
         self.rss_before_model = rss_before_model
         # Per rank, the most seen at any log point: [rss before model, peak rss, device max allocated].
@@ -192,7 +191,6 @@ class Trainer:
             "mem/host_rss_bytes": max(rsses),
             "mem/host_peak_rss_bytes": max(peaks),
         }
-        self.peak_memory_bytes = max(self.peak_memory_bytes, int(max(alloc)))
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             record["train/grad_norm"] = float(grad_norm)
@@ -289,7 +287,7 @@ class Trainer:
             "mfu": mfu(timed_tokens / train_time_s / self.world_size, self.flops_per_token, self.peak_tflops)
             if train_time_s > 0 and self.flops_per_token
             else None,
-            "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_memory_bytes": max(m[2] for m in self.rank_memory),
             # Per rank, in rank order: host memory before the model was built, the host's peak from
             # then on (model, optimizer, activations, buffers), the device's most allocated.
             "host_rss_before_model_bytes": [m[0] for m in self.rank_memory],
