@@ -41,6 +41,7 @@ COMMON = [
     "--set",
     "checkpoint.resume=never",
 ]
+UNFUSED = ["--set", "model.fused_loss=false"]
 PADDING = [
     "--set",
     "data.block_size=1024",
@@ -124,6 +125,7 @@ def main() -> None:
         "a_plain_pytorch_1rank": lambda: run_plain([], cache),
         "b_llm_ds_zero0_1rank": lambda: run_llm_ds(ds_template(0, folder), 1, [], cache),
         "b_llm_ds_zero1_1rank": lambda: run_llm_ds(ds_template(1, folder), 1, [], cache),
+        "b_llm_ds_zero1_1rank_transformers_loss": lambda: run_llm_ds(ds_template(1, folder), 1, UNFUSED, cache),
         "b_llm_ds_zero2_1rank": lambda: run_llm_ds(ds_template(2, folder), 1, [], cache),
         "b_llm_ds_zero3_1rank": lambda: run_llm_ds(ds_template(3, folder), 1, [], cache),
         "c_llm_ds_zero1_2ranks": lambda: run_llm_ds(
@@ -148,6 +150,10 @@ def main() -> None:
     ratios = {
         "llm_ds_zero1_vs_plain": med["b_llm_ds_zero1_1rank"] / med["a_plain_pytorch_1rank"],
         "llm_ds_zero0_vs_plain": med["b_llm_ds_zero0_1rank"] / med["a_plain_pytorch_1rank"],
+        # The same loss as the plain loop: what DeepSpeed and the driver cost, alone.
+        "llm_ds_zero1_transformers_loss_vs_plain": med["b_llm_ds_zero1_1rank_transformers_loss"]
+        / med["a_plain_pytorch_1rank"],
+        "fused_loss_vs_transformers_loss": med["b_llm_ds_zero1_1rank"] / med["b_llm_ds_zero1_1rank_transformers_loss"],
         "packed_vs_padded_real_tokens": figures["d_packed_1024"]["real_tokens_per_s"]["median"]
         / figures["d_padded_1024"]["real_tokens_per_s"]["median"],
     }
@@ -165,10 +171,10 @@ def main() -> None:
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'variant':<28}{'tokens/s median':>16}{'min':>10}{'max':>10}")
+    print(f"{'variant':<40}{'tokens/s median':>16}{'min':>10}{'max':>10}")
     for name, f in figures.items():
         tps = f["tokens_per_s"]
-        print(f"{name:<28}{tps['median']:>16,.0f}{tps['min']:>10,.0f}{tps['max']:>10,.0f}")
+        print(f"{name:<40}{tps['median']:>16,.0f}{tps['min']:>10,.0f}{tps['max']:>10,.0f}")
     for name, value in ratios.items():
         print(f"{name:<44}{value:>8.3f}")
     print(f"wrote {OUT}")

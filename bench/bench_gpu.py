@@ -3,10 +3,11 @@
     make bench-gpu         # bench/gpu.sh: writes bench/results/gpu-<card>.json, prints a table
 
 Variants, each a separate process on the same data, weights and micro-batch (the largest that
-`llm-ds plan` fits with a 15% margin): (a) plain PyTorch (bench/plain_loop.py: bf16 autocast, fused
-AdamW), eager and torch.compile; (b) llm-ds under DeepSpeed ZeRO-1 and ZeRO-2, eager and with
-``train.compile``. Per variant: tokens/s after the first step, MFU (6N + 12LdT over the card's
-dense bf16 peak), peak allocated memory, seconds from process start to the end of the first step.
+`llm-ds plan` fits with a 15% margin and transformers' loss): (a) plain PyTorch (bench/plain_loop.py:
+bf16 autocast, fused AdamW, transformers' loss), eager and torch.compile; (b) llm-ds under DeepSpeed
+ZeRO-1 and ZeRO-2, eager and with ``train.compile``, and ZeRO-1 with transformers' loss instead of
+the fused one. Per variant: tokens/s after the first step, MFU (6N + 12LdT over the card's dense
+bf16 peak), peak allocated memory, seconds from process start to the end of the first step.
 
 ``--smoke`` runs the same machinery with the tiny recipe for a few steps (also on CPU), to check
 the script before spending GPU time on it.
@@ -40,11 +41,12 @@ def card_name() -> str:
 
 
 def choose_micro_batch(card: str, seq: int) -> int:
-    """The largest micro-batch that `llm-ds plan` fits on this card with ZeRO-1, 15% to spare."""
+    """The largest micro-batch that `llm-ds plan` fits on this card with ZeRO-1, 15% to spare, with
+    transformers' loss (whole logits): the plain loop's, so that every variant runs the same batch."""
     memory = plan.device_memory(card)
     if memory is None:
         return 8
-    shape = plan.ModelShape(12, 768, 12, 1024, 50257, seq)
+    shape = plan.ModelShape(12, 768, 12, 1024, 50257, seq, fused_loss=False)
     cluster = plan.Cluster(1, 1, card, memory, 512 * plan.GiB, 0, 400.0)
     template = json.loads((ROOT / "ds_configs" / "zero1.json").read_text())
     best = 1
@@ -98,16 +100,18 @@ def plain(config: str, sets: list[str], compiled: bool, timeout: float) -> dict:
     }
 
 
-def llm_ds(config: str, sets: list[str], stage: int, compiled: bool, out: str, timeout: float) -> dict:
+def llm_ds(config: str, sets: list[str], name: str, out: str, timeout: float) -> dict:
+    """``name``: zero<stage>[_transformers_loss][_compile]."""
     cmd = [
         sys.executable,
         str(ROOT / "llm_ds" / "train.py"),
         "--config",
         config,
         "--ds_config",
-        str(ROOT / "ds_configs" / f"zero{stage}.json"),
+        str(ROOT / "ds_configs" / f"zero{name[4]}.json"),
         *sets,
-        *(["--set", "train.compile=true"] if compiled else []),
+        *(["--set", "train.compile=true"] if name.endswith("_compile") else []),
+        *(["--set", "model.fused_loss=false"] if "_transformers_loss" in name else []),
     ]
     proc = run(cmd, timeout)
     if proc.returncode:
@@ -128,7 +132,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--smoke", action="store_true", help="tiny recipe, a few steps: check the script")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per variant")
-    parser.add_argument("--variants", default="plain,plain_compile,zero1,zero2,zero1_compile,zero2_compile")
+    parser.add_argument(
+        "--variants",
+        default="plain,zero1,plain_compile,zero1_compile,zero1_transformers_loss,zero2,zero2_compile",
+        help="in order of importance, should time run out",
+    )
     args = parser.parse_args()
 
     import deepspeed
@@ -159,7 +167,7 @@ def main() -> None:
             if name.startswith("plain"):
                 r = plain(config, sets, compiled, args.timeout)
             else:
-                r = llm_ds(config, sets, int(name[4]), compiled, out, args.timeout)
+                r = llm_ds(config, sets, name, out, args.timeout)
         except subprocess.TimeoutExpired:
             r = {"error": f"timed out after {args.timeout:.0f} s"}
         r["wall_s"] = time.perf_counter() - start
@@ -199,20 +207,23 @@ def main() -> None:
             "zero2_vs_plain": ratio("zero2", "plain"),
             "zero1_compile_vs_plain_compile": ratio("zero1_compile", "plain_compile"),
             "plain_compile_vs_plain": ratio("plain_compile", "plain"),
+            # DeepSpeed and the driver alone, with the plain loop's loss; and what the fused loss adds.
+            "zero1_transformers_loss_vs_plain": ratio("zero1_transformers_loss", "plain"),
+            "fused_loss_vs_transformers_loss": ratio("zero1", "zero1_transformers_loss"),
         },
     }
     slug = "".join(c if c.isalnum() else "-" for c in card.lower()).strip("-")
     path = Path(args.out) / f"gpu-{slug}{'-smoke' if args.smoke else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'variant':<16}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'first step s':>14}")
+    print(f"\n{'variant':<26}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'first step s':>14}")
     for name, r in results.items():
         if r.get("tokens_per_s"):
             mem = r["peak_memory_bytes"] / 2**30 if r.get("peak_memory_bytes") else float("nan")
             m = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
-            print(f"{name:<16}{r['tokens_per_s']:>12,.0f}{m:>8}{mem:>10.1f}{r['seconds_to_first_step']:>14.1f}")
+            print(f"{name:<26}{r['tokens_per_s']:>12,.0f}{m:>8}{mem:>10.1f}{r['seconds_to_first_step']:>14.1f}")
         else:
-            print(f"{name:<16}  failed")
+            print(f"{name:<26}  failed")
     for name, value in report["ratios"].items():
         if value is not None:
             print(f"{name:<34}{value:>8.3f}")

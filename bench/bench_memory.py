@@ -75,6 +75,19 @@ VARIANTS = {
         plan.Candidate(1, activation_checkpointing=True, micro_batch=8),
         {"data.block_size": 256, "train.micro_batch_size": 8, "model.activation_checkpointing": "true"},
     ),
+    # The loss: transformers' (whole logits) against the fused one in chunks (llm_ds/loss.py).
+    "zero1_seq256_micro8_transformers_loss": (
+        "zero1.json",
+        LEAN,
+        plan.Candidate(1, micro_batch=8),
+        {"data.block_size": 256, "train.micro_batch_size": 8, "model.fused_loss": "false"},
+    ),
+    "zero1_seq256_micro8_chunk256": (
+        "zero1.json",
+        LEAN,
+        plan.Candidate(1, micro_batch=8),
+        {"data.block_size": 256, "train.micro_batch_size": 8, "model.loss_chunk_tokens": 256},
+    ),
 }
 
 
@@ -133,7 +146,14 @@ def predicted(cand: plan.Candidate, extra: dict, template: dict) -> dict:
     ranks they share the same memory."""
     s = settings(extra)
     shape = plan.ModelShape(
-        s["model.n_layer"], s["model.n_embd"], s["model.n_head"], s["model.n_positions"], VOCAB, s["data.block_size"]
+        s["model.n_layer"],
+        s["model.n_embd"],
+        s["model.n_head"],
+        s["model.n_positions"],
+        VOCAB,
+        s["data.block_size"],
+        fused_loss=s.get("model.fused_loss", "true") == "true",
+        loss_chunk_tokens=s.get("model.loss_chunk_tokens"),
     )
     cluster = plan.Cluster(1, RANKS, "cpu", 64 * plan.GiB, 128 * plan.GiB, 1e12, 0.1)
     est = plan.estimate(shape, cand, cluster, RANKS * cand.micro_batch, PRECISION, template)
@@ -192,6 +212,10 @@ def main() -> None:
             "model_states_zero2_vs_zero0": states["zero2"] / states["zero0"],
             "model_states_zero1_vs_zero0": states["zero1"] / states["zero0"],
             "peak_zero3_vs_zero0": peaks["zero3"] / peaks["zero0"],
+            "peak_fused_loss_vs_transformers_loss": peaks["zero1_seq256_micro8"]
+            / peaks["zero1_seq256_micro8_transformers_loss"],
+            "peak_fused_loss_chunk256_vs_transformers_loss": peaks["zero1_seq256_micro8_chunk256"]
+            / peaks["zero1_seq256_micro8_transformers_loss"],
         },
         "plan_max_abs_error": {
             "model_states": max(abs(f["plan_model_state_error"]) for f in figures.values()),
@@ -205,12 +229,12 @@ def main() -> None:
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     mib = 2**20
     print(
-        f"{'variant':<26}{'states MiB':>11}{'B/param':>8}{'paper':>7}{'plan':>7}{'err':>7}"
+        f"{'variant':<40}{'states MiB':>11}{'B/param':>8}{'paper':>7}{'plan':>7}{'err':>7}"
         f"{'peak MiB':>10}{'plan':>7}{'err':>7}"
     )
     for name, f in figures.items():
         print(
-            f"{name:<26}{f['model_state_bytes_per_rank']['median'] / mib:>11,.0f}"
+            f"{name:<40}{f['model_state_bytes_per_rank']['median'] / mib:>11,.0f}"
             f"{f['model_state_bytes_per_parameter']:>8.2f}{f['zero_paper_model_state_bytes'] / mib:>7,.0f}"
             f"{f['plan_model_state_bytes'] / mib:>7,.0f}{f['plan_model_state_error']:>+7.0%}"
             f"{f['peak_rss_growth_bytes_per_rank']['median'] / mib:>10,.0f}{f['plan_peak_bytes'] / mib:>7,.0f}"

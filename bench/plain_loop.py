@@ -3,7 +3,9 @@
 Same model, weights, data order, optimiser and schedule as llm-ds with a run config: AdamW with
 decay on matrices only, linear warm-up then linear decay (DeepSpeed's WarmupDecayLR), global
 gradient-norm clipping, ``model(**batch)`` with labels equal to the inputs (the model shifts
-them), no host sync except at log points. One process, no DeepSpeed.
+them), no host sync except at log points. One process, no DeepSpeed. The loss is transformers'
+own (``model.fused_loss=false`` unless a ``--set`` says otherwise): llm-ds's fused loss is not
+what a plain loop has.
 
     python bench/plain_loop.py --config RUN.yaml [--set section.key=value ...] --out result.json
 
@@ -44,7 +46,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = parser.parse_args()
     launched = time.perf_counter()
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, ["model.fused_loss=false", *args.overrides])
     t = cfg.train
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -49,6 +49,10 @@ class ModelConfig:
     # torch's fused kernel of GPT-2's GELU (the same tanh approximation): 5% faster on CPU and 12
     # fewer saved tensors per layer than GPT-2's own "gelu_new", written out in Python.
     activation_function: str = "gelu_pytorch_tanh"
+    # Cross-entropy fused with the output projection, a chunk of positions at a time: the
+    # (tokens x vocab) logits are never held whole (llm_ds/loss.py). GPT-2 models only.
+    fused_loss: bool = True
+    loss_chunk_tokens: int | None = None  # positions per chunk; null: auto_chunk_tokens(vocab)
 
     def validate(self) -> None:
         _check(self.n_layer > 0, "model.n_layer", self.n_layer, "must be > 0")
@@ -69,6 +73,20 @@ class ModelConfig:
             self.activation_function,
             f"must be one of {ACTIVATIONS}",
         )
+        _check(
+            self.loss_chunk_tokens is None or self.loss_chunk_tokens > 0,
+            "model.loss_chunk_tokens",
+            self.loss_chunk_tokens,
+            "must be > 0 (or null for automatic)",
+        )
+
+
+CHUNK_LOGIT_BYTES = 256 * 2**20  # fp32 logits of one chunk of the fused loss, by default
+
+
+def auto_chunk_tokens(vocab_size: int) -> int:
+    """Positions per chunk whose fp32 logits take ``CHUNK_LOGIT_BYTES``: 1,334 for GPT-2's vocabulary."""
+    return max(1, CHUNK_LOGIT_BYTES // (4 * vocab_size))
 
 
 SOURCE_FORMATS = ("txt", "json", "jsonl", "parquet", "csv")

@@ -8,9 +8,12 @@ import math
 import zlib
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
 
 from llm_ds.config import ConfigError, ModelConfig
+from llm_ds.loss import LMHead
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +59,39 @@ def build_gpt2_config(cfg: ModelConfig, vocab_size: int, eos_token_id: int | Non
     )
 
 
+class GPT2FusedLoss(GPT2LMHeadModel):
+    """``GPT2LMHeadModel`` whose loss never holds the whole (tokens x vocab) logits.
+
+    The same parameters and state-dict keys; without ``labels`` it returns the usual logits. With
+    ``labels`` the output head computes the loss chunk by chunk (``llm_ds.loss``) and no logits
+    are returned.
+    """
+
+    def __init__(self, config: GPT2Config):
+        GPT2PreTrainedModel.__init__(self, config)  # GPT2LMHeadModel's own __init__, with our head
+        self.transformer = GPT2Model(config)
+        self.lm_head = LMHead(config.n_embd, config.vocab_size)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if labels is None:
+            return super().forward(input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = self.transformer(input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return CausalLMOutputWithCrossAttentions(loss=self.lm_head(hidden, labels=labels))  # hidden: (B, T, d)
+
+
 def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = None, seed: int = 0) -> torch.nn.Module:
     """A causal LM: ``model.init_from`` (a local path or hub name) or a fresh GPT-2 from the config.
 
     A fresh model's weights depend only on ``seed`` (see ``init_gpt2_weights``), the same on every rank.
+    GPT-2 models get the fused loss (``GPT2FusedLoss``) unless ``model.fused_loss`` is false.
     """
+    gpt2_class = GPT2FusedLoss if cfg.fused_loss else GPT2LMHeadModel
     if cfg.init_from:
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.init_from, attn_implementation="sdpa")
+            is_gpt2 = AutoConfig.from_pretrained(cfg.init_from).model_type == "gpt2"
+            model_class = gpt2_class if is_gpt2 else AutoModelForCausalLM
+            model = model_class.from_pretrained(cfg.init_from, attn_implementation="sdpa")
         except OSError as exc:
             raise ConfigError(
                 f"model.init_from={cfg.init_from!r} could not be loaded ({str(exc).splitlines()[0]})"
@@ -71,11 +99,15 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = No
         logger.info(
             "model.init_from=%s: the model's own config is used; the model section's shape is ignored", cfg.init_from
         )
+        if cfg.fused_loss and not is_gpt2:
+            logger.info("model.fused_loss applies to GPT-2 models; %s keeps transformers' loss", type(model).__name__)
         if model.get_input_embeddings().num_embeddings < vocab_size:
             model.resize_token_embeddings(vocab_size)
     else:
-        model = GPT2LMHeadModel(build_gpt2_config(cfg, vocab_size, eos_token_id))
+        model = gpt2_class(build_gpt2_config(cfg, vocab_size, eos_token_id))
         init_gpt2_weights(model, seed, cfg.n_layer)
+    if isinstance(model.get_output_embeddings(), LMHead):
+        model.get_output_embeddings().chunk_tokens = cfg.loss_chunk_tokens
     # GPT2LMHeadModel's class name does not tell transformers which loss it uses: say it.
     model.loss_type = "ForCausalLM"
     if cfg.activation_checkpointing:

@@ -16,7 +16,9 @@ The memory model counts what DeepSpeed actually allocates, per rank:
   worth of ``micro_batch x seq x n_embd`` per layer (LayerNorm inputs, QKV, attention output and
   its contiguous copy, the MLP's 4x-wide input and GELU output); with activation checkpointing,
   one block input per layer plus one block recomputed;
-- logits and loss: the 16-bit logits, their fp32 copy for the loss, log-softmax saved for
+- logits and loss: with the fused loss (``model.fused_loss``, llm_ds/loss.py) one chunk's fp32
+  logits and 16-bit gradient, the hidden states' gradient and the output weight's fp32 gradient;
+  with transformers' loss the 16-bit logits, their fp32 copy for the loss, log-softmax saved for
   backward and the logits' gradient, ``micro_batch x seq x vocab`` each;
 - framework: DeepSpeed's communication buckets, and on a GPU the CUDA context and workspaces.
 
@@ -32,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_ds.config import ConfigError, ModelConfig, RunConfig
+from llm_ds.config import ConfigError, ModelConfig, RunConfig, auto_chunk_tokens
 from llm_ds.monitor.metrics import peak_tflops, training_flops_per_token
 
 GiB = 1024**3
@@ -80,6 +82,8 @@ class ModelShape:
     vocab: int
     seq: int
     activation: str = ModelConfig.activation_function
+    fused_loss: bool = ModelConfig.fused_loss
+    loss_chunk_tokens: int | None = ModelConfig.loss_chunk_tokens
 
     @property
     def n_params(self) -> int:
@@ -290,11 +294,24 @@ def activation_bytes(shape: ModelShape, micro_batch: int, precision: str, checkp
     else:
         blocks = shape.n_layer * per_block * per_tensor
     blocks += 2 * per_tensor  # embedding sum, final LayerNorm
-    # The loss's worst moment, early in backward: log-softmax saved from forward and its fp32
-    # gradient, then the logits' gradient in the model's dtype (the logits and their fp32 copy are
-    # freed by then; in forward they take no more).
-    logits = tokens * shape.vocab * (8 + e)
-    return {"activations": blocks, "logits": logits}
+    return {"activations": blocks, "logits": loss_bytes(shape, tokens, e)}
+
+
+def loss_bytes(shape: ModelShape, tokens: int, e: int) -> float:
+    """The loss's worst moment, on top of the saved activations."""
+    if not shape.fused_loss:
+        # Early in backward: log-softmax saved from forward and its fp32 gradient, then the logits'
+        # gradient in the model's dtype (the logits and their fp32 copy are freed by then).
+        return tokens * shape.vocab * (8 + e)
+    # In forward, per chunk: fp32 logits (their gradient made in place) and its 16-bit copy; for
+    # all positions: the hidden states' gradient, the weight's fp32 gradient (and a 16-bit product).
+    rows = min(tokens, shape.loss_chunk_tokens or auto_chunk_tokens(shape.vocab))
+    sixteen_bit = e if e < 4 else 0
+    return (
+        rows * shape.vocab * (4 + sixteen_bit)
+        + tokens * shape.n_embd * e
+        + shape.vocab * shape.n_embd * (4 + sixteen_bit)
+    )
 
 
 def bucket_bytes(zero: dict[str, Any], stage: int, precision: str, n_params: int, on_cpu: bool) -> float:
@@ -513,7 +530,17 @@ def device_memory(name: str) -> float | None:
 
 def shape_from_config(cfg: RunConfig, vocab: int) -> ModelShape:
     m: ModelConfig = cfg.model
-    return ModelShape(m.n_layer, m.n_embd, m.n_head, m.n_positions, vocab, cfg.data.block_size, m.activation_function)
+    return ModelShape(
+        m.n_layer,
+        m.n_embd,
+        m.n_head,
+        m.n_positions,
+        vocab,
+        cfg.data.block_size,
+        m.activation_function,
+        m.fused_loss,
+        m.loss_chunk_tokens,
+    )
 
 
 def ds_config_for(est: Estimate, template: dict[str, Any], nvme_path: str = "auto") -> dict[str, Any]:

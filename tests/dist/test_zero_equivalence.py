@@ -20,11 +20,13 @@ COMMON = [
     "--set", "checkpoint.interval=0",
     "--set", "model.dropout=0.0",
 ]
-VARIANTS = {  # name: (ranks, DS template, micro batch): the global batch is 8 sequences in all
-    "zero1": (2, "zero1.json", 4),
-    "zero2": (2, "zero2.json", 4),
-    "zero3": (2, "zero3.json", 4),
-    "one_rank": (None, "zero1.json", 8),
+CHUNKED = ["--set", "model.loss_chunk_tokens=100"]  # 256 positions a micro-batch: chunks of 100, 100, 56
+VARIANTS = {  # name: (ranks, DS template, micro batch, more): the global batch is 8 sequences in all
+    "zero1": (2, "zero1.json", 4, []),
+    "zero2": (2, "zero2.json", 4, []),
+    "zero3": (2, "zero3.json", 4, CHUNKED),  # ZeRO-3 gathers the tied output weight for the fused loss
+    "zero3_transformers_loss": (2, "zero3.json", 4, ["--set", "model.fused_loss=false"]),
+    "one_rank": (None, "zero1.json", 8, []),
 }
 
 
@@ -36,9 +38,9 @@ def read_losses(run_dir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_cache):
     out = {}
-    for name, (ranks, ds, micro) in VARIANTS.items():
+    for name, (ranks, ds, micro, more) in VARIANTS.items():
         run_dir = tmp_path_factory.mktemp(name)
-        args = ["--ds_config", f"ds_configs/{ds}", *COMMON, "--set", f"train.micro_batch_size={micro}",
+        args = ["--ds_config", f"ds_configs/{ds}", *COMMON, *more, "--set", f"train.micro_batch_size={micro}",
                 "--set", f"train.output_dir={run_dir}", "--set", f"data.cache_dir={data_cache}"]
         proc = run_driver(args, ranks)
         assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -69,7 +71,7 @@ def test_run_completes_and_loss_falls(runs, name):
     assert "| step 30/30 |" in lines[-1]
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3", "one_rank"])
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_transformers_loss", "one_rank"])
 def test_same_losses_as_zero1(runs, name):
     reference = read_losses(runs["zero1"][0])
     losses = read_losses(runs[name][0])

@@ -55,6 +55,7 @@ def test_overrides_are_typed_and_applied_in_order():
         ("data.block_size=512", "`data.block_size` must be <= model.n_positions (256), got 512"),
         ("train.precision=fp8", "`train.precision` must be one of"),
         ("model.activation_function=gelu_fast2", "`model.activation_function` must be one of"),
+        ("model.loss_chunk_tokens=0", "`model.loss_chunk_tokens` must be > 0 (or null for automatic), got 0"),
     ],
 )
 def test_bad_overrides_name_the_key(override, expected):

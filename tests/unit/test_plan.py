@@ -97,7 +97,7 @@ def test_zero_paper_counts_for_mixed_precision():
 
 
 def test_activations_grow_with_micro_batch_and_checkpointing_saves_them():
-    seed_gpt2 = plan.ModelShape(**{**GPT2_SMALL.__dict__, "activation": "gelu_new"})
+    seed_gpt2 = plan.ModelShape(**{**GPT2_SMALL.__dict__, "activation": "gelu_new", "fused_loss": False})
     a1 = plan.activation_bytes(seed_gpt2, 1, "bf16", False)
     a8 = plan.activation_bytes(seed_gpt2, 8, "bf16", False)
     ck = plan.activation_bytes(seed_gpt2, 8, "bf16", True)
@@ -109,13 +109,27 @@ def test_activations_grow_with_micro_batch_and_checkpointing_saves_them():
     assert saved == 12 * 12 * 8 * 1024 * 768 * 2
 
 
+def test_fused_loss_holds_one_chunk_of_logits():
+    unfused = plan.ModelShape(**{**GPT2_SMALL.__dict__, "fused_loss": False})
+    whole = plan.activation_bytes(unfused, 32, "bf16", False)["logits"]
+    assert whole == 32 * 1024 * 50257 * (4 + 4 + 2)  # 15 GiB at micro-batch 32
+    chunked = plan.activation_bytes(GPT2_SMALL, 32, "bf16", False)["logits"]
+    one_chunk = 1335 * 50257 * (4 + 2)  # 1,335 positions of fp32 logits (256 MiB) and their bf16 gradient
+    grads = 32 * 1024 * 768 * 2 + 50257 * 768 * (4 + 2)  # the hidden states' and the weight's
+    assert chunked == one_chunk + grads
+    # The chunk does not grow with the micro-batch; a given chunk size is used.
+    assert plan.activation_bytes(GPT2_SMALL, 64, "bf16", False)["logits"] - chunked == 32 * 1024 * 768 * 2
+    small = plan.ModelShape(**{**GPT2_SMALL.__dict__, "loss_chunk_tokens": 100})
+    assert plan.activation_bytes(small, 32, "bf16", False)["logits"] == 100 * 50257 * 6 + grads
+
+
 def test_recommends_the_fastest_candidate_that_fits():
-    c = cluster(1, 8, mem_gb=24)
+    c = cluster(1, 8, mem_gb=10)
     estimates = plan.plan(GPT2_SMALL, c, 256, "bf16", load_ds_template("ds_configs/zero1.json"))
     best = estimates[0]
-    assert best.fits and best.device_total <= 24 * plan.GiB
+    assert best.fits and best.device_total <= 10 * plan.GiB
     assert all(best.step_s <= e.step_s + 1e-9 for e in estimates if e.fits)
-    assert any(not e.fits for e in estimates)  # micro-batch 32 does not fit in 24 GiB
+    assert any(not e.fits for e in estimates)  # micro-batch 32 does not fit in 10 GiB
     assert best.grad_accum * best.candidate.micro_batch * 8 == 256
 
 
