@@ -38,10 +38,12 @@ def _chunk_loss_and_grad(h, weight, t, scale):
     logits = (h @ weight.T).float()  # (c, V)
     lse = torch.logsumexp(logits, dim=-1)  # (c,)
     loss_sum = ((lse - logits.gather(1, t[:, None]).squeeze(1)) * scored).sum()
-    # d(sum of losses)/d(logits) = softmax - one_hot(target), zero where not scored.
-    grad = logits.sub_(lse[:, None]).exp_()
-    grad[torch.arange(len(t), device=t.device), t] -= 1.0
-    grad.mul_((scored * scale)[:, None])
+    # d(mean loss)/d(logits) = (softmax - one_hot(target)) * scale, zero where not scored. The
+    # scale goes into the exponent, exp(x - lse + log(scale)), saving a pass over the chunk;
+    # log(0) = -inf makes the rows not scored exactly zero.
+    row_scale = scored * scale  # (c,)
+    grad = logits.sub_((lse - row_scale.log())[:, None]).exp_()
+    grad[torch.arange(len(t), device=t.device), t] -= row_scale
     return loss_sum, grad.to(h.dtype)
 
 
