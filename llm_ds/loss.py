@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from llm_ds.config import auto_chunk_tokens
 
@@ -68,21 +69,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:
                 grad_weight += grad.T @ h  # a 16-bit product, summed in fp32
             del grad
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
         return loss_sum * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # In fp32: a 16-bit 1/grad_accum_steps (1/3 -> 0.33398) would bias every gradient.
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None
+        g = grad_loss.float()
+        return (grad_hidden.float() * g).to(grad_hidden.dtype), (grad_weight * g).to(ctx.weight_dtype), None, None
 
 
-def _chunked_loss(hidden, weight, targets, chunk_tokens) -> torch.Tensor:
-    """The same mean cross-entropy without gradients (evaluation), a chunk at a time."""
+def _chunk_loss_sum(h, weight, t):
+    return F.cross_entropy((h @ weight.T).float(), t, reduction="sum")
+
+
+def _chunked_loss(hidden, weight, targets, chunk_tokens, recompute: bool = False) -> torch.Tensor:
+    """The same mean cross-entropy, a chunk at a time, through autograd.
+
+    Without gradients (evaluation) no chunk outlives its loss. With ``recompute``, each chunk's
+    logits are made again in backward instead of being kept: one more matmul of the head, and
+    the gradient flows through autograd with the loss scale fp16 training applies to it.
+    """
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_tokens):
-        logits = (hidden[start : start + chunk_tokens] @ weight.T).float()
-        loss_sum += F.cross_entropy(logits, targets[start : start + chunk_tokens], reduction="sum")
+        args = (hidden[start : start + chunk_tokens], weight, targets[start : start + chunk_tokens])
+        if recompute:
+            loss_sum = loss_sum + torch.utils.checkpoint.checkpoint(_chunk_loss_sum, *args, use_reentrant=False)
+        else:
+            loss_sum += _chunk_loss_sum(*args)
     return loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -101,9 +117,13 @@ def linear_cross_entropy(
     chunk = chunk_tokens or auto_chunk_tokens(weight.shape[0])
     flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, d)
     targets = shifted_targets(labels).reshape(-1)  # (B*T,)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(flat, weight, targets, chunk)
-    return _chunked_loss(flat, weight, targets, chunk)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        return _chunked_loss(flat, weight, targets, chunk)
+    if hidden.dtype == torch.float16:
+        # fp16 training scales the loss only in backward (dynamic loss scaling): gradients made in
+        # forward, unscaled, would underflow fp16. Recompute each chunk in backward instead.
+        return _chunked_loss(flat, weight, targets, chunk, recompute=True)
+    return _LinearCrossEntropy.apply(flat, weight, targets, chunk)
 
 
 class LMHead(torch.nn.Linear):

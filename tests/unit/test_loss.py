@@ -134,3 +134,38 @@ def test_init_from_another_architecture_keeps_its_own_loss(tmp_path):
     model = build_model(ModelConfig(init_from=str(tmp_path / "llama")), VOCAB)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert torch.isfinite(model(**padded_batch()).loss)
+
+
+def test_accumulation_scale_applied_in_fp32():
+    """DeepSpeed divides the loss by grad_accum_steps; 1/3 in bf16 is 0.33398: no such bias here."""
+    _, fused = model_pair(torch.bfloat16)
+    batch = padded_batch()
+    _, whole = loss_and_grads(fused, batch)
+    fused.zero_grad()
+    (fused(**batch).loss / 3).backward()
+    third = fused.lm_head.weight.grad.float() * 3
+    full = whole["transformer.wte.weight"].float()  # the tied weight: embedding and head
+    ratio = third[full != 0] / full[full != 0]
+    assert ratio.numel() > 1000 and ratio.median().item() == pytest.approx(1.0, abs=5e-4)
+
+
+def test_fp16_recomputes_chunks_under_a_loss_scale():
+    """fp16 scales the loss in backward only: the chunks' gradients must be made after that."""
+    n, d, vocab, scale = 2048, 32, 512, 2.0**16
+    gen = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(1, n, d, generator=gen)).half().requires_grad_()
+    weight = (torch.randn(vocab, d, generator=gen) * 0.02).half().requires_grad_()
+    labels = torch.randint(0, vocab, (1, n), generator=gen)
+
+    def usual():
+        logits = F.linear(hidden, weight).float()
+        return F.cross_entropy(logits[0, :-1], labels[0, 1:])
+
+    expected = torch.autograd.grad(usual() * scale, (hidden, weight))
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_tokens=300)
+    assert loss.item() == pytest.approx(usual().item(), rel=1e-3)
+    got = torch.autograd.grad(loss * scale, (hidden, weight))
+    for a, b in zip(got, expected, strict=True):
+        assert torch.isfinite(a).all() and (a != 0).float().mean() > 0.9  # nothing underflowed to zero
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
+    assert saved_bytes(lambda: linear_cross_entropy(hidden, weight, labels, chunk_tokens=300)) < n * vocab * 2
