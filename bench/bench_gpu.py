@@ -40,21 +40,40 @@ def card_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def gpt2_124m(seq: int, fused_loss: bool) -> plan.ModelShape:
+    return plan.ModelShape(12, 768, 12, 1024, 50257, seq, fused_loss=fused_loss)
+
+
+def card_cluster(card: str, memory: float) -> plan.Cluster:
+    return plan.Cluster(1, 1, card, memory, 512 * plan.GiB, 0, 400.0)
+
+
 def choose_micro_batch(card: str, seq: int) -> int:
     """The largest micro-batch that `llm-ds plan` fits on this card with ZeRO-1, 15% to spare, with
     transformers' loss (whole logits): the plain loop's, so that every variant runs the same batch."""
     memory = plan.device_memory(card)
     if memory is None:
         return 8
-    shape = plan.ModelShape(12, 768, 12, 1024, 50257, seq, fused_loss=False)
-    cluster = plan.Cluster(1, 1, card, memory, 512 * plan.GiB, 0, 400.0)
     template = json.loads((ROOT / "ds_configs" / "zero1.json").read_text())
     best = 1
     for micro in (1, 2, 4, 8, 16, 32, 64):
-        est = plan.estimate(shape, plan.Candidate(1, micro_batch=micro), cluster, micro, "bf16", template)
+        cand = plan.Candidate(1, micro_batch=micro)
+        est = plan.estimate(gpt2_124m(seq, False), cand, card_cluster(card, memory), micro, "bf16", template)
         if est.device_total <= 0.85 * memory:
             best = micro
     return best
+
+
+def planned_peak(card: str, seq: int, micro: int, name: str) -> int | None:
+    """What `llm-ds plan` says an llm-ds variant allocates at its peak (torch's max_memory_allocated
+    counts no CUDA context and no allocator slack, so neither does this)."""
+    memory = plan.device_memory(card)
+    if memory is None or not name.startswith("zero"):
+        return None
+    template = json.loads((ROOT / "ds_configs" / f"zero{name[4]}.json").read_text())
+    shape = gpt2_124m(seq, "_transformers_loss" not in name)
+    cand = plan.Candidate(int(name[4]), micro_batch=micro)
+    return plan.estimate(shape, cand, card_cluster(card, memory), micro, "bf16", template).peak_allocated()
 
 
 def common_sets(smoke: bool, micro: int, steps: int, cache: str, out: str) -> list[str]:
@@ -173,6 +192,10 @@ def main() -> None:
         r["wall_s"] = time.perf_counter() - start
         if "tokens_per_s" in r and r["tokens_per_s"]:
             r["mfu"] = mfu(r["tokens_per_s"], flops, peak)
+        planned = None if args.smoke else planned_peak(card, seq, micro, name)
+        if planned and r.get("peak_memory_bytes"):
+            r["plan_peak_allocated_bytes"] = planned
+            r["plan_peak_error"] = planned / r["peak_memory_bytes"] - 1
         results[name] = r
         status = f"{r['tokens_per_s']:,.0f} tokens/s" if r.get("tokens_per_s") else r.get("error", "")[-200:]
         print(f"  {name}: {status} ({r['wall_s']:.0f} s)", flush=True)
@@ -216,12 +239,13 @@ def main() -> None:
     path = Path(args.out) / f"gpu-{slug}{'-smoke' if args.smoke else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'variant':<26}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'first step s':>14}")
+    print(f"\n{'variant':<26}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'plan':>7}{'first step s':>14}")
     for name, r in results.items():
         if r.get("tokens_per_s"):
             mem = r["peak_memory_bytes"] / 2**30 if r.get("peak_memory_bytes") else float("nan")
             m = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
-            print(f"{name:<26}{r['tokens_per_s']:>12,.0f}{m:>8}{mem:>10.1f}{r['seconds_to_first_step']:>14.1f}")
+            err = f"{r['plan_peak_error']:+.0%}" if "plan_peak_error" in r else "-"
+            print(f"{name:<26}{r['tokens_per_s']:>12,.0f}{m:>8}{mem:>10.1f}{err:>7}{r['seconds_to_first_step']:>14.1f}")
         else:
             print(f"{name:<26}  failed")
     for name, value in report["ratios"].items():
