@@ -1,4 +1,4 @@
-"""Next-token cross-entropy fused with the output projection, a chunk of tokens at a time.
+"""Next-token cross-entropy fused with the output projection, a chunk of positions at a time.
 
 The usual loss computes ``logits = hidden @ weight.T`` for every position at once: a (tokens, vocab)
 tensor, upcast to fp32 and kept for the backward pass. For GPT-2 (vocab 50,257) that is the largest
@@ -7,6 +7,8 @@ activations of the 12 layers. Here the logits of ``chunk_tokens`` positions exis
 chunk's loss and its gradients with respect to the hidden states and the weight are computed in the
 forward pass (as Liger-Kernel's fused linear cross-entropy does), and backward only scales them.
 The matmuls are the ones the usual loss does (one forward, two backward), so no FLOP is added.
+In fp16, whose loss scale reaches the loss only in backward, each chunk is recomputed in
+backward instead (see ``linear_cross_entropy``).
 """
 
 from __future__ import annotations
