@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from typing import NoReturn
 
 from launcher.cli import launch_command_parser
 from launcher.doctor import doctor_command_parser
@@ -31,7 +32,8 @@ def train_command_parser(subparsers) -> None:
     parser.set_defaults(func=train_command)
 
 
-def train_command(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace) -> NoReturn:
+    from llm_ds.train import exit_process
     from llm_ds.train import main as train_main
 
     argv = []
@@ -41,7 +43,7 @@ def train_command(args: argparse.Namespace) -> int:
         argv += ["--ds_config", args.ds_config or args.deepspeed_config]
     for override in args.overrides:
         argv += ["--set", override]
-    return train_main(argv)
+    exit_process(train_main(argv))
 
 
 def config_command_parser(subparsers) -> None:

@@ -14,7 +14,10 @@ if __package__ in (None, ""):  # run as a script: import the package, not this f
     sys.path.insert(0, os.path.dirname(_here))
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
+import logging  # noqa: E402
 import time  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 from llm_ds.checkpoint import CheckpointError  # noqa: E402
 from llm_ds.config import ConfigError, load_run_config  # noqa: E402
@@ -67,5 +70,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def exit_process(code: int) -> NoReturn:
+    """End a training process with ``code``, without the interpreter's teardown.
+
+    By now everything is written and the process group is destroyed. Tearing the interpreter
+    down can still destroy objects that torch's communication threads hold (gloo's async work)
+    and abort the process, "terminate called without an active exception", after a complete run,
+    which the launcher then reports as the whole job's failure. Flush, and leave.
+    """
+    gc.collect()  # data loader workers and engine buffers go while the interpreter is whole
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
