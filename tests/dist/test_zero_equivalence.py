@@ -27,6 +27,10 @@ VARIANTS = {  # name: (ranks, DS template, micro batch, more): the global batch 
     "zero3": (2, "zero3.json", 4, CHUNKED),  # ZeRO-3 gathers the tied output weight for the fused loss
     "zero3_transformers_loss": (2, "zero3.json", 4, ["--set", "model.fused_loss=false"]),
     "one_rank": (None, "zero1.json", 8, []),
+    # 2 micro-batches of 4 accumulated: DeepSpeed scales each loss by 1/2 before backward.
+    # Evaluation reads eval_max_batches micro-batches per rank: 8 of 4 make the others' 32 sequences.
+    "one_rank_accumulating": (None, "zero1.json", 4, ["--set", "train.grad_accum_steps=2",
+                                                      "--set", "train.eval_max_batches=8"]),
 }
 
 
@@ -56,7 +60,7 @@ def test_run_completes_and_loss_falls(runs, name):
                 "eval_perplexity", "tokens_per_s", "wall_s"):
         assert summary[key] is not None, key
     assert summary["steps"] == 30
-    assert summary["world_size"] == (1 if name == "one_rank" else 2)
+    assert summary["world_size"] == (1 if name.startswith("one_rank") else 2)
     assert summary["tokens_seen"] == 30 * 8 * 64
     assert summary["final_eval_loss"] < summary["first_train_loss"] - 1.0
     assert summary["final_train_loss"] < summary["first_train_loss"] - 1.0
@@ -71,7 +75,7 @@ def test_run_completes_and_loss_falls(runs, name):
     assert "| step 30/30 |" in lines[-1]
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_transformers_loss", "one_rank"])
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_transformers_loss", "one_rank", "one_rank_accumulating"])
 def test_same_losses_as_zero1(runs, name):
     reference = read_losses(runs["zero1"][0])
     losses = read_losses(runs[name][0])
