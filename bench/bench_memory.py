@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llm_ds import plan  # noqa: E402
+from llm_ds.config import load_run_config  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "cpu.json"
 REPEATS = int(os.environ.get("BENCH_REPEATS", 3))
@@ -144,17 +145,9 @@ def predicted(cand: plan.Candidate, extra: dict, template: dict) -> dict:
     """What `llm-ds plan` says one rank of this run allocates: model states (with DeepSpeed's buckets),
     and everything at the peak (activations and logits too); offloaded states count, since on CPU
     ranks they share the same memory."""
-    s = settings(extra)
-    shape = plan.ModelShape(
-        s["model.n_layer"],
-        s["model.n_embd"],
-        s["model.n_head"],
-        s["model.n_positions"],
-        VOCAB,
-        s["data.block_size"],
-        fused_loss=s.get("model.fused_loss", "true") == "true",
-        loss_chunk_tokens=s.get("model.loss_chunk_tokens"),
-    )
+    # The run's own config, read as the driver reads the same --set values.
+    cfg = load_run_config(None, [f"{k}={v}" for k, v in settings(extra).items()])
+    shape = plan.shape_from_config(cfg, VOCAB)
     cluster = plan.Cluster(1, RANKS, "cpu", 64 * plan.GiB, 128 * plan.GiB, 1e12, 0.1)
     est = plan.estimate(shape, cand, cluster, RANKS * cand.micro_batch, PRECISION, template)
     return {

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from llm_ds.config import load_run_config  # noqa: E402
 from llm_ds.ds_config import load_ds_template  # noqa: E402
 from llm_ds.monitor.metrics import peak_rss_bytes, proc_status_bytes  # noqa: E402
 from llm_ds.runtime import _finish, build_run, dist_env, init_distributed, setup_logging  # noqa: E402
+from llm_ds.train import exit_process  # noqa: E402
 
 
 def live_tensor_bytes() -> int:
@@ -98,11 +98,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(result) + "\n")
     _finish()
-    # The figures are written: leave without C++ static destructors, where a communication thread
-    # left joinable now and then aborts the process ("terminate called without an active exception").
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process(0)  # as the driver does: no interpreter teardown to abort a finished run
 
 
 if __name__ == "__main__":

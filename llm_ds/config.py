@@ -85,7 +85,7 @@ CHUNK_LOGIT_BYTES = 256 * 2**20  # fp32 logits of one chunk of the fused loss, b
 
 
 def auto_chunk_tokens(vocab_size: int) -> int:
-    """Positions per chunk whose fp32 logits take ``CHUNK_LOGIT_BYTES``: 1,334 for GPT-2's vocabulary."""
+    """Positions per chunk whose fp32 logits take ``CHUNK_LOGIT_BYTES``: 1,335 for GPT-2's 50,257 tokens."""
     return max(1, CHUNK_LOGIT_BYTES // (4 * vocab_size))
 
 
