@@ -123,21 +123,29 @@ def init_gpt2_weights(model: torch.nn.Module, seed: int, n_layer: int, std: floa
     exactly the weights of a model built whole: every ZeRO stage and world size trains the same
     model. Matrices ~ N(0, std), residual projections ~ N(0, std / sqrt(2 * n_layer)) (GPT-2
     paper), biases 0, LayerNorm gains 1.
+
+    Values are drawn in fp32 on the CPU with ``torch.normal``, which ``zero.Init`` leaves alone: it
+    replaces ``torch.randn``, ``torch.empty`` and the other constructors with versions that put the
+    tensor on the accelerator (where a CPU generator cannot draw it) and cast it to the engine's
+    16-bit dtype before our scaling. Each value is rounded to the parameter's dtype once, as the
+    engine rounds a whole model's fp32 weights.
     """
     for name, param in model.named_parameters():
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
+        gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
         shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
-        if name.endswith("c_proj.weight"):
-            value = torch.randn(shape, generator=gen) * (std / math.sqrt(2 * n_layer))
-        elif len(shape) >= 2:
-            value = torch.randn(shape, generator=gen) * std
-        elif name.endswith(".bias"):
-            value = torch.zeros(shape)
-        else:  # LayerNorm gain
-            value = torch.ones(shape)
+        scale = std / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else std
+        is_matrix = len(shape) >= 2
+        if is_matrix:
+            value = torch.normal(0.0, 1.0, shape, generator=gen, dtype=torch.float32, device="cpu").mul_(scale)
         with _gathered(param):
-            if param.numel():  # under ZeRO-3 only the modifier rank holds the full tensor here
-                param.data.copy_(value.to(param.dtype))
+            if not param.numel():  # under ZeRO-3 only the modifier rank holds the full tensor here
+                continue
+            if is_matrix:
+                param.data.copy_(value)
+            elif name.endswith(".bias"):
+                param.data.zero_()
+            else:  # LayerNorm gain
+                param.data.fill_(1.0)
 
 
 def _gathered(param: torch.nn.Parameter):

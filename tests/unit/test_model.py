@@ -91,3 +91,39 @@ def test_init_from_a_missing_model_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match=r"model.init_from=.*could not be loaded"):
         build_model(ModelConfig(init_from=str(tmp_path / "absent")), 96)
+
+
+def test_init_names_its_devices_under_zero_init_constructor_wrappers(monkeypatch):
+    """``deepspeed.zero.Init`` replaces torch's tensor constructors with ones that put a tensor made without
+    a device on the accelerator and cast it to the engine's 16-bit dtype. On CUDA a CPU generator cannot
+    draw there; the init must neither crash nor change its values under DeepSpeed's own wrappers."""
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    from llm_ds.model import init_gpt2_weights
+
+    reference, _ = tiny_model(seed=4)
+    model, _ = tiny_model(seed=99)
+    without_device = []
+
+    def wrap(fn_name):
+        wrapped = pp.zero_wrapper_for_fp_tensor_constructor(
+            getattr(torch, fn_name), target_fp_dtype=torch.bfloat16, target_device=torch.device("meta")
+        )
+
+        def constructor(*args, **kwargs):
+            if kwargs.get("device") is None:
+                without_device.append(fn_name)
+            return wrapped(*args, **kwargs)
+
+        return constructor
+
+    for fn_name in ("tensor", "empty", "zeros", "ones", "full", "arange", "eye", "randn"):
+        monkeypatch.setattr(torch, fn_name, wrap(fn_name))
+    monkeypatch.setattr(
+        torch.Tensor, "__new__", pp.get_new_tensor_fn_for_dtype(torch.bfloat16, torch.device("meta")), raising=False
+    )
+    init_gpt2_weights(model, seed=4, n_layer=2)
+    monkeypatch.undo()
+    assert without_device == []
+    expected, got = reference.state_dict(), model.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
