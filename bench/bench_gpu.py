@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from llm_ds import plan  # noqa: E402
 from llm_ds.config import BUNDLED_TOKENIZER  # noqa: E402
-from llm_ds.monitor.metrics import mfu, peak_tflops, training_flops_per_token  # noqa: E402
+from llm_ds.hardware import device_memory, peak_tflops  # noqa: E402
+from llm_ds.monitor.metrics import mfu, training_flops_per_token  # noqa: E402
 
 
 def card_name() -> str:
@@ -51,7 +52,7 @@ def card_cluster(card: str, memory: float) -> plan.Cluster:
 def choose_micro_batch(card: str, seq: int) -> int:
     """The largest micro-batch that `llm-ds plan` fits on this card with ZeRO-1, 15% to spare, with
     transformers' loss (whole logits): the plain loop's, so that every variant runs the same batch."""
-    memory = plan.device_memory(card)
+    memory = device_memory(card)
     if memory is None:
         return 8
     template = json.loads((ROOT / "ds_configs" / "zero1.json").read_text())
@@ -67,7 +68,7 @@ def choose_micro_batch(card: str, seq: int) -> int:
 def planned_peak(card: str, seq: int, micro: int, name: str) -> int | None:
     """What `llm-ds plan` says an llm-ds variant allocates at its peak (torch's max_memory_allocated
     counts no CUDA context and no allocator slack, so neither does this)."""
-    memory = plan.device_memory(card)
+    memory = device_memory(card)
     if memory is None or not name.startswith("zero"):
         return None
     template = json.loads((ROOT / "ds_configs" / f"zero{name[4]}.json").read_text())

@@ -205,6 +205,7 @@ class TrainConfig:
     run_name: str | None = None  # default: the run config's file name without extension
     nvme_path: str | None = None  # NVMe offload swap folder; default <output_dir>/nvme
     compile: bool = False  # torch.compile the model through DeepSpeed's engine.compile()
+    tf32: bool = True  # fp32 runs on GPUs with TF32 tensor cores (Ampere on) use them for matmuls
 
     def validate(self) -> None:
         _check(self.micro_batch_size > 0, "train.micro_batch_size", self.micro_batch_size, "must be > 0")

@@ -17,10 +17,14 @@ The memory model counts what DeepSpeed actually allocates, per rank:
   its contiguous copy, the MLP's 4x-wide input and GELU output); with activation checkpointing,
   one block input per layer plus one block recomputed;
 - logits and loss: with the fused loss (``model.fused_loss``, llm_ds/loss.py) one chunk's fp32
-  logits and 16-bit gradient, the hidden states' gradient and the output weight's fp32 gradient;
-  with transformers' loss the 16-bit logits, their fp32 copy for the loss, log-softmax saved for
-  backward and the logits' gradient, ``micro_batch x seq x vocab`` each;
-- framework: DeepSpeed's communication buckets, and on a GPU the CUDA context and workspaces.
+  logits and 16-bit gradient (on a GPU also logsumexp's fp32 temporary of the chunk), the hidden
+  states' gradient and the output weight's fp32 gradient; with transformers' loss three fp32
+  tensors of ``micro_batch x seq x vocab`` on a GPU (log-softmax's saved output, the incoming
+  gradient and its result, at once in backward: 12 bytes per logit), 10 bytes per logit in bf16
+  on CPU ranks (measured);
+- framework: DeepSpeed's communication buckets; on a GPU cuBLAS's workspaces (inside torch's
+  allocator, so in ``torch.cuda.max_memory_allocated``), and outside it the CUDA context and
+  NCCL's buffers, with NCCL's NVLS buffers on NVSwitch nodes of 4 or more GPUs.
 
 Step time is compute (training FLOPs over the device's sustained throughput; activation
 checkpointing repeats the forward) plus communication (ring volumes per ZeRO stage over the
@@ -35,28 +39,15 @@ from pathlib import Path
 from typing import Any
 
 from llm_ds.config import ConfigError, ModelConfig, RunConfig, auto_chunk_tokens
-from llm_ds.monitor.metrics import peak_tflops, training_flops_per_token
+from llm_ds.hardware import CARDS, find_card, has_native_bf16, local_gpu, peak_tflops
+from llm_ds.monitor.metrics import training_flops_per_token
 
 GiB = 1024**3
-# Memory per device by name (GiB), matched by substring like PEAK_TFLOPS, most specific first.
-DEVICE_MEMORY_GIB: list[tuple[str, float]] = [
-    ("GH200", 96.0),
-    ("H200", 141.0),
-    ("H100 NVL", 94.0),
-    ("H100", 80.0),
-    ("A100-40", 40.0),
-    ("A100 40", 40.0),
-    ("A100", 80.0),
-    ("L40S", 48.0),
-    ("A10G", 24.0),
-    ("A10", 24.0),
-    ("L4", 24.0),
-    ("V100", 32.0),
-    ("T4", 16.0),
-    ("RTX 4090", 24.0),
-    ("RTX 3090", 24.0),
-]
-CUDA_CONTEXT_BYTES = int(1.0 * GiB)  # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers: not in torch's allocator
+CUDA_CONTEXT_BYTES = int(1.0 * GiB)  # CUDA context, cuDNN, NCCL's ring buffers: not in torch's allocator
+# NCCL's NVLink SHARP buffers on NVSwitch nodes (H100/H200 SXM boards), outside torch's allocator: an
+# estimate (NCCL_NVLS_ENABLE=0 removes them, at some all-reduce bandwidth).
+NCCL_NVLS_BYTES = int(2.0 * GiB)
+NVLS_MIN_RANKS_PER_NODE = 4
 # On CPU ranks, a ZeRO engine holds this much host memory that is in no tensor (measured: 65-70 MiB
 # per rank for 5M- and 30M-parameter models alike, ZeRO 1-3; bench/bench_memory.py).
 CPU_ZERO_RUNTIME_BYTES = 64 * 2**20
@@ -116,6 +107,8 @@ class Cluster:
     inter_gbs: float = 25.0  # GB/s per rank between nodes (one 200 Gb/s NIC per GPU)
     pcie_gbs: float = 25.0  # host <-> device
     nvme_gbs: float = 3.0  # per node
+    capability: tuple[int, int] = (9, 0)  # the GPU's compute capability (sizes cuBLAS's workspaces)
+    nvls: bool = False  # NVSwitch boards where NCCL allocates NVLink SHARP buffers
 
     @property
     def world(self) -> int:
@@ -173,7 +166,7 @@ class Estimate:
 
     def peak_allocated(self) -> int:
         d = self.device
-        resident = d["model_params"] + d["model_grads"] + d["model_optimizer"] + d["buckets"]
+        resident = d["model_params"] + d["model_grads"] + d["model_optimizer"] + d["buckets"] + d["workspaces"]
         backward = d["live_params"] + d["activations"] + d["logits"]
         return resident + max(backward, d["fp32_grads"] + d["optimizer_scratch"])
 
@@ -283,7 +276,9 @@ def block_tensors(activation: str) -> int:
     return 17 + (12 if activation == "gelu_new" else 0)
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, precision: str, checkpointing: bool) -> dict[str, float]:
+def activation_bytes(
+    shape: ModelShape, micro_batch: int, precision: str, checkpointing: bool, on_gpu: bool = True
+) -> dict[str, float]:
     """Bytes saved for backward by one rank's micro-batch: the blocks' activations, and logits with the loss."""
     e = bytes_per_value(precision)
     tokens = micro_batch * shape.seq
@@ -294,24 +289,36 @@ def activation_bytes(shape: ModelShape, micro_batch: int, precision: str, checkp
     else:
         blocks = shape.n_layer * per_block * per_tensor
     blocks += 2 * per_tensor  # embedding sum, final LayerNorm
-    return {"activations": blocks, "logits": loss_bytes(shape, tokens, e)}
+    return {"activations": blocks, "logits": loss_bytes(shape, tokens, e, on_gpu)}
 
 
-def loss_bytes(shape: ModelShape, tokens: int, e: int) -> float:
+def loss_bytes(shape: ModelShape, tokens: int, e: int, on_gpu: bool = True) -> float:
     """The loss's worst moment, on top of the saved activations."""
     if not shape.fused_loss:
-        # Early in backward: log-softmax saved from forward and its fp32 gradient, then the logits'
-        # gradient in the model's dtype (the logits and their fp32 copy are freed by then).
+        if on_gpu:
+            # Log-softmax's backward: its saved fp32 output, the fp32 gradient coming from the
+            # negative log-likelihood and the one it makes, all alive at once.
+            return tokens * shape.vocab * 12
+        # Measured on CPU ranks: log-softmax saved from forward and its fp32 gradient, then the
+        # logits' gradient in the model's dtype (the logits and their fp32 copy are freed by then).
         return tokens * shape.vocab * (8 + e)
-    # In forward, per chunk: fp32 logits (their gradient made in place) and its 16-bit copy; for
-    # all positions: the hidden states' gradient, the weight's fp32 gradient (and a 16-bit product).
+    # In forward, per chunk: fp32 logits (their gradient made in place) and its 16-bit copy, and
+    # on a GPU logsumexp's fp32 temporary of the chunk; for all positions: the hidden states'
+    # gradient, the weight's fp32 gradient (and a 16-bit product).
     rows = min(tokens, shape.loss_chunk_tokens or auto_chunk_tokens(shape.vocab))
     sixteen_bit = e if e < 4 else 0
     return (
-        rows * shape.vocab * (4 + sixteen_bit)
+        rows * shape.vocab * (4 + sixteen_bit + (4 if on_gpu else 0))
         + tokens * shape.n_embd * e
         + shape.vocab * shape.n_embd * (4 + sixteen_bit)
     )
+
+
+def cublas_workspace_bytes(capability: tuple[int, int]) -> int:
+    """cuBLAS's and cuBLASLt's workspaces, which torch takes from its caching allocator: 32 MiB each
+    on Hopper and newer, 8 MiB + 128 KiB before (torch's defaults, ``CUBLAS_WORKSPACE_CONFIG``)."""
+    each = 32 * 2**20 if tuple(capability) >= (9, 0) else 4096 * 1024 * 2 + 16 * 1024 * 8
+    return 2 * each
 
 
 def bucket_bytes(zero: dict[str, Any], stage: int, precision: str, n_params: int, on_cpu: bool) -> float:
@@ -397,7 +404,7 @@ def estimate(
     template = template or {}
     zero = template.get("zero_optimization") or {}
     states = model_states(shape.n_params, shape.largest_layer_params, cand.stage, n, precision, cand, zero)
-    acts = activation_bytes(shape, cand.micro_batch, precision, cand.activation_checkpointing)
+    acts = activation_bytes(shape, cand.micro_batch, precision, cand.activation_checkpointing, not cluster.is_cpu)
     d = states["device"]
     device = {
         "model_params": int(d["params"]),
@@ -405,6 +412,7 @@ def estimate(
         "model_grads": int(d["grads"]),
         "model_optimizer": int(d["optimizer"]),
         "buckets": int(bucket_bytes(zero, cand.stage, precision, shape.n_params, cluster.is_cpu)),
+        "workspaces": 0 if cluster.is_cpu else cublas_workspace_bytes(cluster.capability),
         "activations": int(acts["activations"]),
         "logits": int(acts["logits"]),
         "fp32_grads": int(d["fp32_grads"]),
@@ -434,6 +442,8 @@ def estimate(
         fixed = CPU_ZERO_RUNTIME_BYTES if cand.stage > 0 else 0
     else:
         fixed = CUDA_CONTEXT_BYTES
+        if cluster.nvls and r >= NVLS_MIN_RANKS_PER_NODE:
+            fixed += NCCL_NVLS_BYTES
     # A GPU's caching allocator fragments; on CPU freed tensors go back to the system.
     est.framework = int(est.peak_allocated() * (0 if cluster.is_cpu else ALLOCATOR_SLACK) + fixed)
     device_need = est.device_total * (r if cluster.is_cpu else 1)
@@ -519,13 +529,6 @@ def _brief(e: Estimate) -> str:
 
 def fmt_bytes(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if abs(n) >= 0.1 * GiB else f"{n / 2**20:.0f} MiB"
-
-
-def device_memory(name: str) -> float | None:
-    for key, gib in DEVICE_MEMORY_GIB:
-        if key.lower() in name.lower():
-            return gib * GiB
-    return None
 
 
 def shape_from_config(cfg: RunConfig, vocab: int) -> ModelShape:
@@ -663,7 +666,25 @@ def measured_tflops(run_dir: str) -> float:
     return summary["tokens_per_s"] / summary["world_size"] * shape.flops_per_token() / 1e12
 
 
-def build_cluster(args, world: int, nodes: int, precision: str) -> Cluster:
+def detect_gpu(args) -> tuple[str, float | None, tuple[int, int] | None]:
+    """The GPU planned for: name, memory per device in bytes and compute capability (None where unknown).
+
+    ``--gpu`` names it and the table of cards fills in the rest; without it, this machine's GPU as
+    it reports itself.
+    """
+    if args.gpu is not None:
+        card = find_card(args.gpu)
+        return args.gpu, (card.memory_bytes if card else None), (card.capability if card else None)
+    gpu = local_gpu()
+    if gpu is not None:
+        return gpu
+    if args.gpu_mem_gb:
+        return "GPU", None, None
+    raise PlanError("no GPU here to plan for: name one with --gpu (e.g. --gpu H100) or give --gpu-mem-gb")
+
+
+def build_cluster(args, world: int, nodes: int, precision: str, gpu: tuple | None = None) -> Cluster:
+    """The cluster for the plan; ``gpu`` is ``detect_gpu``'s answer (unused for CPU ranks)."""
     import psutil
 
     if args.from_run:
@@ -673,25 +694,23 @@ def build_cluster(args, world: int, nodes: int, precision: str) -> Cluster:
         raise PlanError(f"--nvme-gb must be >= 0, got {args.nvme_gb:g}")
     cpu_mem = args.cpu_mem_gb * GiB if args.cpu_mem_gb else float(psutil.virtual_memory().total)
     per_node = world // nodes
+    capability, nvls = (9, 0), False
     if args.device == "cpu":
         device, device_mem = "cpu", cpu_mem / per_node
         tflops = args.tflops or 0.05  # what a rank of 2 CPU cores sustained here; --from-run measures yours
     else:
-        device = args.gpu
-        if device is None:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise PlanError("no GPU here to plan for: name one with --gpu (e.g. --gpu H100) or give --gpu-mem-gb")
-            device = torch.cuda.get_device_name()
-        device_mem = args.gpu_mem_gb * GiB if args.gpu_mem_gb else device_memory(device)
+        device, known_mem, known_capability = gpu or detect_gpu(args)
+        device_mem = args.gpu_mem_gb * GiB if args.gpu_mem_gb else known_mem
         if device_mem is None:
-            known = ", ".join(k for k, _ in DEVICE_MEMORY_GIB)
+            known = ", ".join(c.label for c in CARDS)
             raise PlanError(f"--gpu {device!r}: unknown memory size; give --gpu-mem-gb (known: {known})")
         peak = peak_tflops(device, precision)
         if args.tflops is None and peak is None:
             raise PlanError(f"--gpu {device!r}: unknown peak throughput; give --tflops (sustained TFLOP/s per GPU)")
         tflops = args.tflops or DEFAULT_EFFICIENCY * peak
+        card = find_card(device)
+        capability = known_capability or (card.capability if card else capability)
+        nvls = bool(card and card.nvls)
     return Cluster(
         nodes,
         per_node,
@@ -704,6 +723,8 @@ def build_cluster(args, world: int, nodes: int, precision: str) -> Cluster:
         args.inter_node_gbs,
         args.pcie_gbs,
         args.nvme_gbs,
+        capability,
+        nvls,
     )
 
 
@@ -725,13 +746,15 @@ def plan_command(args) -> int:
         slots = ", ".join(f"{host}: {n}" for host, n in ranks_per_host.items())
         raise PlanError(f"plan assumes the same number of ranks on every node; the hostfile selects {slots}")
     nodes = len(ranks_per_host)
+    gpu = None
     if args.device == "cpu":
         precision = resolve_precision(cfg.train.precision, template, "cpu", False, False)
     else:
-        name = (args.gpu or "").upper()
-        has_bf16 = not any(k in name for k in ("V100", "T4"))
+        # The GPU first (this machine's where --gpu is not given), then the precision it has.
+        gpu = detect_gpu(args)
+        has_bf16 = gpu[2] is None or has_native_bf16(gpu[2])
         precision = resolve_precision(cfg.train.precision, template, "cuda", has_bf16, True)
-    cluster = build_cluster(args, world, nodes, precision)
+    cluster = build_cluster(args, world, nodes, precision, gpu)
     vocab = _vocab_size(cfg)
     shape = shape_from_config(cfg, vocab)
     global_batch = args.global_batch or cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world

@@ -71,7 +71,8 @@ def init_distributed() -> None:
             MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
         )
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    unlink_shm_buffers()
+    if get_accelerator().device_name() == "cpu":  # the segments belong to DeepSpeed's CPU backend alone
+        unlink_shm_buffers()
 
 
 SHM_DIR = Path("/dev/shm")
@@ -92,6 +93,32 @@ def unlink_shm_buffers() -> None:
     dist.barrier()  # every rank has opened its peers' segments
     for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
         path.unlink(missing_ok=True)
+
+
+def device_precisions() -> tuple[str, bool, bool]:
+    """The accelerator's name, and whether it has native bf16 and fp16: what ``precision: auto`` picks from.
+
+    On CUDA, bf16 needs compute capability 8.0 (Ampere) or newer: DeepSpeed's ``is_bf16_supported``
+    also says yes on V100 and T4, whose bf16 is emulated and slower than fp16.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    from llm_ds.hardware import has_native_bf16, local_gpu
+
+    accel = get_accelerator()
+    device, has_bf16 = accel.device_name(), accel.is_bf16_supported()
+    if device == "cuda":
+        gpu = local_gpu()
+        has_bf16 = has_bf16 and gpu is not None and has_native_bf16(gpu[2])
+    return device, has_bf16, accel.is_fp16_supported()
+
+
+def set_matmul_precision(device: str, tf32: bool) -> None:
+    """On a GPU, let fp32 matmuls use TF32 tensor cores (``train.tf32``), or keep them full fp32."""
+    import torch
+
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
 
 
 def seed_everything(seed: int) -> None:
@@ -161,9 +188,8 @@ def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Ru
     )
     total_steps = compute_total_steps(cfg, loaders.n_train_samples, world_size)
 
-    precision = resolve_precision(
-        cfg.train.precision, ds_template, accel.device_name(), accel.is_bf16_supported(), accel.is_fp16_supported()
-    )
+    precision = resolve_precision(cfg.train.precision, ds_template, *device_precisions())
+    set_matmul_precision(accel.device_name(), cfg.train.tf32)
     ds_config = resolve_ds_config(ds_template, cfg, world_size, precision, total_steps, ds_source)
     if rank == 0:
         from llm_ds.monitor.metrics import redact
@@ -196,14 +222,17 @@ def build_run(cfg: RunConfig, ds_template: dict[str, Any], ds_source: str) -> Ru
             f"{f' (model.init_from={cfg.model.init_from})' if cfg.model.init_from else ''}"
         )
     n_params = count_parameters(model)
+    uses_tf32 = precision == "fp32" and is_cuda and cfg.train.tf32
     logger.info(
-        "Model parameters: %s (%d layers, %d wide, %d heads, vocab %d); precision %s, ZeRO stage %d, %d rank(s) on %s",
+        "Model parameters: %s (%d layers, %d wide, %d heads, vocab %d); "
+        "precision %s%s, ZeRO stage %d, %d rank(s) on %s",
         f"{n_params:,}",
         cfg.model.n_layer,
         cfg.model.n_embd,
         cfg.model.n_head,
         vocab_size,
         precision,
+        " (TF32 matmuls; train.tf32=false for full fp32)" if uses_tf32 else "",
         zero_stage(ds_config),
         world_size,
         accel.device_name(),
@@ -238,7 +267,8 @@ def perf_model(cfg: RunConfig, run: Run) -> tuple[int, float | None]:
     """Training FLOPs per token of this model, and the device's peak TFLOP/s (None where unknown)."""
     import torch
 
-    from llm_ds.monitor.metrics import peak_tflops, training_flops_per_token
+    from llm_ds.hardware import peak_tflops
+    from llm_ds.monitor.metrics import training_flops_per_token
 
     mc = run.engine.module.config
     n_embd = getattr(mc, "n_embd", None) or mc.hidden_size
@@ -246,7 +276,7 @@ def perf_model(cfg: RunConfig, run: Run) -> tuple[int, float | None]:
     n_positions = getattr(mc, "n_positions", 0)  # GPT-2's learned position table (not in rotary models)
     flops = training_flops_per_token(run.n_params, n_positions * n_embd, n_layer, n_embd, cfg.data.block_size)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return flops, peak_tflops(device, run.precision, cfg.logging.peak_tflops)
+    return flops, peak_tflops(device, run.precision, cfg.logging.peak_tflops, tf32=cfg.train.tf32)
 
 
 def fit_and_report(cfg: RunConfig, run: Run, start_time: float) -> int:

@@ -1,4 +1,4 @@
-"""Pure functions behind the numbers: FLOPs, MFU, peak throughput by device, rank aggregation, redaction."""
+"""Pure functions behind the numbers: FLOPs, MFU, rank aggregation, redaction (peaks by device: llm_ds.hardware)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,6 @@ import os
 import re
 import statistics
 from typing import Any
-
-# Dense peak TFLOP/s per device for 16-bit matmuls (bf16/fp16 tensor cores, no sparsity), from the
-# vendors' datasheets; fp32 runs use the TF32 figure where the card has one. Matched by substring
-# of the accelerator's name, most specific first.
-PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("GH200", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0}),
-    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0}),
-    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0}),
-    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0}),
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}),
-    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 183.0}),
-    ("A10G", {"bf16": 70.0, "fp16": 70.0, "fp32": 35.0}),
-    ("A10", {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5}),
-    ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 60.0}),
-    ("V100", {"fp16": 125.0, "fp32": 15.7}),
-    ("T4", {"fp16": 65.0, "fp32": 8.1}),
-    ("RTX 4090", {"bf16": 165.0, "fp16": 165.0, "fp32": 82.6}),
-    ("RTX 3090", {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6}),
-]
 
 SECRET_NAME = re.compile(r"(API_KEY|_TOKEN|_KEY|_SECRET|PASSWORD)$|^HF_TOKEN$|^WANDB_API_KEY$", re.IGNORECASE)
 REDACTED = "***"
@@ -37,16 +18,6 @@ def training_flops_per_token(n_params: int, n_position_params: int, n_layer: int
     output layer. The second term is attention's score and value matmuls.
     """
     return 6 * (n_params - n_position_params) + 12 * n_layer * n_embd * seq_len
-
-
-def peak_tflops(device_name: str, precision: str, override: float | None = None) -> float | None:
-    """A device's peak TFLOP/s for the precision, or ``override``; None when unknown (no MFU shown)."""
-    if override:
-        return override
-    for key, peaks in PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return peaks.get(precision) or peaks.get("fp16")
-    return None
 
 
 def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float | None) -> float | None:

@@ -1,9 +1,9 @@
 import pytest
 
+from llm_ds.hardware import peak_tflops
 from llm_ds.monitor.metrics import (
     REDACTED,
     mfu,
-    peak_tflops,
     redact,
     secret_values,
     straggler,
@@ -29,14 +29,20 @@ def test_mfu_of_the_124m_recipe_by_hand():
         ("NVIDIA H100 PCIe", "bf16", 756.0),
         ("NVIDIA H200", "bf16", 989.0),
         ("NVIDIA A100-SXM4-80GB", "fp16", 312.0),
-        ("NVIDIA A100-SXM4-80GB", "fp32", 156.0),
+        ("NVIDIA A100-SXM4-80GB", "fp32", 156.0),  # TF32 tensor cores
         ("Tesla V100-SXM2-32GB", "bf16", 125.0),  # no bf16 on V100: its fp16 figure
+        ("Tesla V100-SXM2-32GB", "fp32", 15.7),  # no TF32 either
         ("cpu", "fp32", None),
         ("Some Future Accelerator", "bf16", None),
     ],
 )
 def test_peak_lookup(name, precision, expected):
     assert peak_tflops(name, precision) == expected
+
+
+def test_fp32_peak_follows_tf32():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "fp32") == 494.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "fp32", tf32=False) == 67.0
 
 
 def test_peak_override_and_unknown_mfu():

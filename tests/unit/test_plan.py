@@ -112,15 +112,37 @@ def test_activations_grow_with_micro_batch_and_checkpointing_saves_them():
 def test_fused_loss_holds_one_chunk_of_logits():
     unfused = plan.ModelShape(**{**GPT2_SMALL.__dict__, "fused_loss": False})
     whole = plan.activation_bytes(unfused, 32, "bf16", False)["logits"]
-    assert whole == 32 * 1024 * 50257 * (4 + 4 + 2)  # 15 GiB at micro-batch 32
+    # On a GPU, log-softmax's backward holds three fp32 tensors of the logits' size at once: 18 GiB.
+    assert whole == 32 * 1024 * 50257 * 12
+    # On CPU ranks, as measured in bf16: two fp32 tensors and one 16-bit.
+    assert plan.activation_bytes(unfused, 32, "bf16", False, on_gpu=False)["logits"] == 32 * 1024 * 50257 * 10
     chunked = plan.activation_bytes(GPT2_SMALL, 32, "bf16", False)["logits"]
-    one_chunk = 1335 * 50257 * (4 + 2)  # 1,335 positions of fp32 logits (256 MiB) and their bf16 gradient
+    # 1,335 positions of fp32 logits (256 MiB), logsumexp's fp32 temporary of them and their bf16 gradient.
+    one_chunk = 1335 * 50257 * (4 + 4 + 2)
     grads = 32 * 1024 * 768 * 2 + 50257 * 768 * (4 + 2)  # the hidden states' and the weight's
     assert chunked == one_chunk + grads
+    cpu = plan.activation_bytes(GPT2_SMALL, 32, "bf16", False, on_gpu=False)["logits"]
+    assert chunked - cpu == 1335 * 50257 * 4  # no logsumexp temporary on CPU (measured)
     # The chunk does not grow with the micro-batch; a given chunk size is used.
     assert plan.activation_bytes(GPT2_SMALL, 64, "bf16", False)["logits"] - chunked == 32 * 1024 * 768 * 2
     small = plan.ModelShape(**{**GPT2_SMALL.__dict__, "loss_chunk_tokens": 100})
-    assert plan.activation_bytes(small, 32, "bf16", False)["logits"] == 100 * 50257 * 6 + grads
+    assert plan.activation_bytes(small, 32, "bf16", False)["logits"] == 100 * 50257 * 10 + grads
+
+
+def test_gpu_framework_counts_cublas_workspaces_and_nvls_buffers():
+    template = load_ds_template("ds_configs/zero1.json")
+
+    def est(capability, nvls, ranks):
+        c = plan.Cluster(1, ranks, "GPU", 80 * plan.GiB, 512 * plan.GiB, 0, 400.0, capability=capability, nvls=nvls)
+        return plan.estimate(GPT2_SMALL, plan.Candidate(1, micro_batch=8), c, 8 * ranks, "bf16", template)
+
+    hopper, ampere = est((9, 0), False, 8), est((8, 0), False, 8)
+    # torch takes cuBLAS's and cuBLASLt's workspaces from its allocator: 32 MiB each on Hopper.
+    assert hopper.device["workspaces"] == 64 * 2**20
+    assert ampere.device["workspaces"] == 2 * (8 * 2**20 + 128 * 2**10)
+    # NCCL's NVLS buffers (outside torch's allocator) on NVSwitch nodes of 4 or more GPUs only.
+    assert est((9, 0), True, 8).framework - hopper.framework == plan.NCCL_NVLS_BYTES
+    assert est((9, 0), True, 2).framework == est((9, 0), False, 2).framework
 
 
 def test_recommends_the_fastest_candidate_that_fits():
