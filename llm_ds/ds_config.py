@@ -20,6 +20,7 @@ AUTO = "auto"
 DS_CONFIGS_DIR = PACKAGE_DIR.parent / "ds_configs"
 DEFAULT_DS_CONFIG = DS_CONFIGS_DIR / "zero1.json"
 RESOLVED_PRECISIONS = ("fp32", "bf16", "fp16")
+WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")  # refuse warmup_num_steps < 1
 
 
 def load_ds_template(path: str | Path | None) -> dict[str, Any]:
@@ -129,6 +130,11 @@ def resolve_ds_config(
         _fill(sp, "warmup_min_lr", t.min_lr, sw, "train.min_lr")
         _fill(sp, "warmup_max_lr", t.lr, sw, "train.lr")
         _fill(sp, "warmup_num_steps", t.warmup_steps, sw, "train.warmup_steps")
+        if scheduler.get("type") in WARMUP_SCHEDULERS and not sp["warmup_num_steps"] >= 1:
+            raise ConfigError(
+                f"train.warmup_steps={t.warmup_steps}: DeepSpeed's {scheduler['type']} ({where}) needs at least 1 "
+                f"warm-up step; set train.warmup_steps >= 1"
+            )
         if total_steps is not None:
             _fill(sp, "total_num_steps", total_steps, sw, "the run's total steps")
         elif sp.get("total_num_steps", AUTO) == AUTO:

@@ -196,6 +196,8 @@ class Trainer:
             record["train/grad_norm"] = float(grad_norm)
         if self.engine.fp16_enabled():
             record["train/loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", 0.0))
+        if self.engine.fp16_enabled() or self.engine.bfloat16_enabled():
+            # Both skip a step whose gradients hold inf or nan (bf16: DeepSpeed's check_grad_overflow).
             record["train/skipped_steps"] = int(self.engine.skipped_steps)
         if self.flops_per_token:
             per_device = tokens_per_s / self.world_size
@@ -284,6 +286,7 @@ class Trainer:
             "epochs": self._epochs(),
             "real_token_fraction": self.state.real_tokens_seen / max(1, self.state.tokens_seen),
             "stopped_by": stopped_by,
+            "skipped_steps": int(self.engine.skipped_steps),  # optimizer steps dropped for inf/nan gradients
             "mfu": mfu(timed_tokens / train_time_s / self.world_size, self.flops_per_token, self.peak_tflops)
             if train_time_s > 0 and self.flops_per_token
             else None,

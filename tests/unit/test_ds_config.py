@@ -161,3 +161,18 @@ def test_every_key_deepspeed_reads_is_accepted(tmp_path):
     path = tmp_path / "many.json"
     path.write_text(json.dumps({k: {} for k in keys}))
     assert set(load_ds_template(path)) == set(keys)
+
+
+def test_zero_warmup_steps_is_refused_naming_the_key_before_deepspeed_raises():
+    """DeepSpeed's WarmupDecayLR raises a traceback for warmup_num_steps=0 inside deepspeed.initialize."""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    cfg = load_run_config(None, ["train.warmup_steps=0"])
+    template = load_ds_template(DS_CONFIGS_DIR / "zero1.json")
+    with pytest.raises(ValueError, match="warmup_num_steps"):
+        WarmupDecayLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), 10, 0.0, 1e-3, warmup_num_steps=0)
+    with pytest.raises(ConfigError, match=r"^train.warmup_steps=0: .*WarmupDecayLR.*train.warmup_steps >= 1$"):
+        resolve_ds_config(template, cfg, 1, "fp32", total_steps=10, source="zero1.json")
+    no_scheduler = {k: v for k, v in template.items() if k != "scheduler"}
+    assert "scheduler" not in resolve_ds_config(no_scheduler, cfg, 1, "fp32", total_steps=10)
