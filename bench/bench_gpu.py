@@ -3,11 +3,15 @@
     make bench-gpu         # bench/gpu.sh: writes bench/results/gpu-<card>.json, prints a table
 
 Variants, each a separate process on the same data, weights and micro-batch (the largest that
-`llm-ds plan` fits with a 15% margin and transformers' loss): (a) plain PyTorch (bench/plain_loop.py:
-bf16 autocast, fused AdamW, transformers' loss), eager and torch.compile; (b) llm-ds under DeepSpeed
-ZeRO-1 and ZeRO-2, eager and with ``train.compile``, and ZeRO-1 with transformers' loss instead of
-the fused one. Per variant: tokens/s after the first step, MFU (6N + 12LdT over the card's dense
-bf16 peak), peak allocated memory, seconds from process start to the end of the first step.
+`llm-ds plan` fits with a 15% margin and transformers' loss), in order of value: plain PyTorch
+(bench/plain_loop.py: bf16 autocast, fused AdamW, transformers' loss), llm-ds under DeepSpeed
+ZeRO-1, the same with transformers' loss instead of the fused one, then the compiled ones (plain
+torch.compile, llm-ds ``train.compile``) and ZeRO-2. Per variant: tokens/s (the median over log
+intervals of 5 steps after 5 warm-up steps), MFU (6N + 12LdT over the card's dense bf16 peak),
+peak allocated memory, seconds from process start to the end of the first step.
+
+The results file is rewritten after every variant, so a run cut short keeps what it measured;
+``--deadline`` skips the variants that cannot finish in the time left, and says so.
 
 ``--smoke`` runs the same machinery with the tiny recipe for a few steps (also on CPU), to check
 the script before spending GPU time on it.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,6 +82,31 @@ def planned_peak(card: str, seq: int, micro: int, name: str) -> int | None:
     return plan.estimate(shape, cand, card_cluster(card, memory), micro, "bf16", template).peak_allocated()
 
 
+WARMUP_STEPS = 5  # not timed: allocator growth, cuDNN/cuBLAS heuristics, compiled graphs' first calls
+LOG_INTERVAL = 5
+# Seconds a variant is expected to take before any has run (start-up dominates; compiling adds more).
+FIRST_GUESS_S = {"eager": 60.0, "compile": 150.0}
+
+
+def expected_seconds(name: str, done: dict[str, dict]) -> float:
+    """How long ``name`` will take: the slowest finished variant of its kind (eager or compiled), else the
+    slowest eager one times the first guesses' ratio, else the first guess."""
+    kind = "compile" if name.endswith("_compile") else "eager"
+    walls = {k: [r["wall_s"] for n, r in done.items() if "wall_s" in r and "error" not in r and
+                 ("compile" if n.endswith("_compile") else "eager") == k] for k in FIRST_GUESS_S}  # fmt: skip
+    if walls[kind]:
+        return max(walls[kind])
+    if walls["eager"]:
+        return max(walls["eager"]) * FIRST_GUESS_S[kind] / FIRST_GUESS_S["eager"]
+    return FIRST_GUESS_S[kind]
+
+
+def steady_tokens_per_s(intervals: list[tuple[int, float]], interval: int) -> float | None:
+    """Median tokens/s of the log intervals that start after the warm-up steps."""
+    values = [v for step, v in intervals if step - interval >= WARMUP_STEPS]
+    return statistics.median(values) if values else None
+
+
 def common_sets(smoke: bool, micro: int, steps: int, cache: str, out: str) -> list[str]:
     sets = {
         "data.tokenizer": str(BUNDLED_TOKENIZER),
@@ -88,7 +118,7 @@ def common_sets(smoke: bool, micro: int, steps: int, cache: str, out: str) -> li
         "train.eval_interval": 0,
         "train.eval_max_batches": 1,
         "train.output_dir": out,
-        "logging.log_interval": max(1, steps // 4),
+        "logging.log_interval": LOG_INTERVAL,
         "logging.tensorboard": "false",
         "checkpoint.interval": 0,
         "checkpoint.save_final": "false",
@@ -113,7 +143,8 @@ def plain(config: str, sets: list[str], compiled: bool, timeout: float) -> dict:
             return {"error": (proc.stderr or proc.stdout)[-1500:]}
         r = json.loads(result.read_text())
     return {
-        "tokens_per_s": r["tokens_per_s"],
+        "tokens_per_s": steady_tokens_per_s(r["interval_tokens_per_s"], LOG_INTERVAL),
+        "mean_tokens_per_s_after_step_1": r["tokens_per_s"],
         "peak_memory_bytes": r["peak_memory_bytes"],
         "seconds_to_first_step": r["seconds_to_first_step"],
         "final_loss": r["final_loss"],
@@ -137,8 +168,12 @@ def llm_ds(config: str, sets: list[str], name: str, out: str, timeout: float) ->
     if proc.returncode:
         return {"error": (proc.stderr or proc.stdout)[-1500:]}
     s = json.loads((Path(out) / "summary.json").read_text())
+    records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    intervals = [(r["step"], r["perf/tokens_per_s"]) for r in records if "perf/tokens_per_s" in r]
     return {
-        "tokens_per_s": s["tokens_per_s"],
+        "tokens_per_s": steady_tokens_per_s(intervals, LOG_INTERVAL),
+        "mean_tokens_per_s_after_step_1": s["tokens_per_s"],
+        "skipped_steps": s.get("skipped_steps"),
         "peak_memory_bytes": s["peak_memory_bytes"],
         "seconds_to_first_step": s["seconds_to_first_step"],
         "final_loss": s["final_train_loss"],
@@ -146,18 +181,56 @@ def llm_ds(config: str, sets: list[str], name: str, out: str, timeout: float) ->
     }
 
 
+VARIANTS = "plain,zero1,zero1_transformers_loss,plain_compile,zero1_compile,zero2,zero2_compile"
+
+
+def ratios(results: dict[str, dict]) -> dict[str, float | None]:
+    def ratio(a: str, b: str) -> float | None:
+        x, y = results.get(a, {}).get("tokens_per_s"), results.get(b, {}).get("tokens_per_s")
+        return x / y if x and y else None
+
+    return {
+        "zero1_vs_plain": ratio("zero1", "plain"),
+        "zero2_vs_plain": ratio("zero2", "plain"),
+        "zero1_compile_vs_plain_compile": ratio("zero1_compile", "plain_compile"),
+        "plain_compile_vs_plain": ratio("plain_compile", "plain"),
+        # DeepSpeed and the driver alone, with the plain loop's loss; and what the fused loss adds.
+        "zero1_transformers_loss_vs_plain": ratio("zero1_transformers_loss", "plain"),
+        "fused_loss_vs_transformers_loss": ratio("zero1", "zero1_transformers_loss"),
+    }
+
+
+def print_table(results: dict[str, dict], report_ratios: dict[str, float | None]) -> None:
+    print(f"\n{'variant':<26}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'plan':>7}{'first step s':>14}")
+    for name, r in results.items():
+        if r.get("tokens_per_s"):
+            mem = r["peak_memory_bytes"] / 2**30 if r.get("peak_memory_bytes") else float("nan")
+            m = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+            err = f"{r['plan_peak_error']:+.0%}" if "plan_peak_error" in r else "-"
+            print(f"{name:<26}{r['tokens_per_s']:>12,.0f}{m:>8}{mem:>10.1f}{err:>7}{r['seconds_to_first_step']:>14.1f}")
+        else:
+            print(f"{name:<26}  {'skipped' if 'skipped' in r else 'failed'}")
+    for name, value in report_ratios.items():
+        if value is not None:
+            print(f"{name:<34}{value:>8.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for gpu-<card>.json")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=WARMUP_STEPS + 20, help="optimizer steps per variant")
     parser.add_argument("--smoke", action="store_true", help="tiny recipe, a few steps: check the script")
-    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per variant")
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per variant at most")
     parser.add_argument(
-        "--variants",
-        default="plain,zero1,plain_compile,zero1_compile,zero1_transformers_loss,zero2,zero2_compile",
-        help="in order of importance, should time run out",
+        "--deadline",
+        type=float,
+        help="seconds for the whole benchmark, counted from $LLM_DS_BENCH_START (epoch seconds, set by "
+        "bench/gpu.sh) or from this script's start; variants that cannot finish in time are skipped",
     )
+    parser.add_argument("--variants", default=VARIANTS, help="in order of importance, should time run out")
     args = parser.parse_args()
+    started = float(os.environ.get("LLM_DS_BENCH_START") or time.time())
+    deadline_at = started + args.deadline if args.deadline else float("inf")
 
     import deepspeed
     import torch
@@ -167,7 +240,7 @@ def main() -> None:
     config = str(ROOT / "llm_ds" / "configs" / ("tiny.yaml" if args.smoke else "gpt2-124m.yaml"))
     seq = 128 if args.smoke else 1024
     micro = 4 if args.smoke else choose_micro_batch(card, seq)
-    steps = 6 if args.smoke else args.steps
+    steps = WARMUP_STEPS + 2 * LOG_INTERVAL if args.smoke else args.steps
     shape = (4, 128, 256, 8192) if args.smoke else (12, 768, 1024, 50257)
     n_layer, n_embd, n_positions, vocab = shape
     n_params = plan.ModelShape(n_layer, n_embd, 1, n_positions, vocab, seq).n_params
@@ -177,34 +250,6 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="llm-ds-bench-gpu-"))
     cache = str(work / "cache")
     results: dict[str, dict] = {}
-    print(f"{card}: GPT-2 {n_params:,} parameters, sequence {seq}, micro-batch {micro}, {steps} steps", flush=True)
-    for name in args.variants.split(","):
-        out = str(work / name)
-        sets = common_sets(args.smoke, micro, steps, cache, out)
-        compiled = name.endswith("_compile")
-        start = time.perf_counter()
-        try:
-            if name.startswith("plain"):
-                r = plain(config, sets, compiled, args.timeout)
-            else:
-                r = llm_ds(config, sets, name, out, args.timeout)
-        except subprocess.TimeoutExpired:
-            r = {"error": f"timed out after {args.timeout:.0f} s"}
-        r["wall_s"] = time.perf_counter() - start
-        if "tokens_per_s" in r and r["tokens_per_s"]:
-            r["mfu"] = mfu(r["tokens_per_s"], flops, peak)
-        planned = None if args.smoke else planned_peak(card, seq, micro, name)
-        if planned and r.get("peak_memory_bytes"):
-            r["plan_peak_allocated_bytes"] = planned
-            r["plan_peak_error"] = planned / r["peak_memory_bytes"] - 1
-        results[name] = r
-        status = f"{r['tokens_per_s']:,.0f} tokens/s" if r.get("tokens_per_s") else r.get("error", "")[-200:]
-        print(f"  {name}: {status} ({r['wall_s']:.0f} s)", flush=True)
-
-    def ratio(a: str, b: str) -> float | None:
-        x, y = results.get(a, {}).get("tokens_per_s"), results.get(b, {}).get("tokens_per_s")
-        return x / y if x and y else None
-
     report = {
         "card": card,
         "date": time.strftime("%Y-%m-%d"),
@@ -220,38 +265,63 @@ def main() -> None:
             "sequence": seq,
             "micro_batch": micro,
             "steps": steps,
+            "warmup_steps": WARMUP_STEPS,
+            "log_interval": LOG_INTERVAL,
             "precision": "bf16" if not args.smoke else "auto",
             "flops_per_token": flops,
             "peak_tflops": peak,
             "smoke": args.smoke,
+            "deadline_s": args.deadline,
         },
         "variants": results,
-        "ratios": {
-            "zero1_vs_plain": ratio("zero1", "plain"),
-            "zero2_vs_plain": ratio("zero2", "plain"),
-            "zero1_compile_vs_plain_compile": ratio("zero1_compile", "plain_compile"),
-            "plain_compile_vs_plain": ratio("plain_compile", "plain"),
-            # DeepSpeed and the driver alone, with the plain loop's loss; and what the fused loss adds.
-            "zero1_transformers_loss_vs_plain": ratio("zero1_transformers_loss", "plain"),
-            "fused_loss_vs_transformers_loss": ratio("zero1", "zero1_transformers_loss"),
-        },
+        "ratios": {},
+        "complete": False,
     }
     slug = "".join(c if c.isalnum() else "-" for c in card.lower()).strip("-")
     path = Path(args.out) / f"gpu-{slug}{'-smoke' if args.smoke else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'variant':<26}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'plan':>7}{'first step s':>14}")
-    for name, r in results.items():
-        if r.get("tokens_per_s"):
-            mem = r["peak_memory_bytes"] / 2**30 if r.get("peak_memory_bytes") else float("nan")
-            m = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
-            err = f"{r['plan_peak_error']:+.0%}" if "plan_peak_error" in r else "-"
-            print(f"{name:<26}{r['tokens_per_s']:>12,.0f}{m:>8}{mem:>10.1f}{err:>7}{r['seconds_to_first_step']:>14.1f}")
-        else:
-            print(f"{name:<26}  failed")
-    for name, value in report["ratios"].items():
-        if value is not None:
-            print(f"{name:<34}{value:>8.3f}")
+
+    def write() -> None:
+        report["ratios"] = ratios(results)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(path)
+
+    print(f"{card}: GPT-2 {n_params:,} parameters, sequence {seq}, micro-batch {micro}, {steps} steps", flush=True)
+    for name in args.variants.split(","):
+        left, need = deadline_at - time.time(), expected_seconds(name, results)
+        if left < need:
+            results[name] = {"skipped": f"needs about {need:.0f} s, {max(left, 0):.0f} s left before --deadline"}
+            print(f"  {name}: skipped ({results[name]['skipped']})", flush=True)
+            write()
+            continue
+        out = str(work / name)
+        sets = common_sets(args.smoke, micro, steps, cache, out)
+        compiled = name.endswith("_compile")
+        timeout = min(args.timeout, left)
+        start = time.perf_counter()
+        try:
+            if name.startswith("plain"):
+                r = plain(config, sets, compiled, timeout)
+            else:
+                r = llm_ds(config, sets, name, out, timeout)
+        except subprocess.TimeoutExpired:
+            r = {"error": f"timed out after {timeout:.0f} s"}
+        r["wall_s"] = time.perf_counter() - start
+        if "tokens_per_s" in r and r["tokens_per_s"]:
+            r["mfu"] = mfu(r["tokens_per_s"], flops, peak)
+        planned = None if args.smoke else planned_peak(card, seq, micro, name)
+        if planned and r.get("peak_memory_bytes"):
+            r["plan_peak_allocated_bytes"] = planned
+            r["plan_peak_error"] = planned / r["peak_memory_bytes"] - 1
+        results[name] = r
+        write()
+        status = f"{r['tokens_per_s']:,.0f} tokens/s" if r.get("tokens_per_s") else r.get("error", "")[-200:]
+        print(f"  {name}: {status} ({r['wall_s']:.0f} s)", flush=True)
+
+    report["complete"] = True
+    write()
+    print_table(results, report["ratios"])
     print(f"wrote {path}")
 
 

@@ -73,12 +73,13 @@ def main() -> None:
     batches = iter(loaders.train)
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.block_size
     losses, start, first_step_s = [], None, None
+    intervals, mark = [], None  # tokens/s over each log interval: (last step, tokens/s)
     for step in range(t.max_steps):
         if step == 1:
             if cuda:
                 torch.cuda.synchronize()
             first_step_s = time.perf_counter() - launched
-            start = time.perf_counter()  # the first step carries one-off warm-up costs, as in llm-ds
+            start = mark = time.perf_counter()  # the first step carries one-off warm-up costs, as in llm-ds
         for group in optimizer.param_groups:
             group["lr"] = warmup_decay(step, t.warmup_steps, t.max_steps, t.min_lr, t.lr)
         loss_sum = torch.zeros((), device=device)
@@ -93,7 +94,12 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step == 0 or (step + 1) % cfg.logging.log_interval == 0:
-            losses.append((step + 1, loss_sum.item()))
+            losses.append((step + 1, loss_sum.item()))  # .item() waits for the device, as llm-ds's log points do
+            if mark is not None:
+                now = time.perf_counter()
+                done = step + 1 - max(1, step + 1 - cfg.logging.log_interval)
+                intervals.append((step + 1, done * tokens_per_step / (now - mark)))
+                mark = now
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -105,6 +111,7 @@ def main() -> None:
         "seconds_to_first_step": first_step_s,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "tokens_per_s": (t.max_steps - 1) * tokens_per_step / elapsed,
+        "interval_tokens_per_s": intervals,
         "losses": losses,
         "final_loss": losses[-1][1],
         "finite": all(math.isfinite(x) for _, x in losses),
