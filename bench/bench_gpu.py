@@ -36,14 +36,19 @@ sys.path.insert(0, str(ROOT))
 
 from llm_ds import plan  # noqa: E402
 from llm_ds.config import BUNDLED_TOKENIZER  # noqa: E402
-from llm_ds.hardware import device_memory, peak_tflops  # noqa: E402
+from llm_ds.hardware import local_gpu, peak_tflops  # noqa: E402
 from llm_ds.monitor.metrics import mfu, training_flops_per_token  # noqa: E402
 
 
 def card_name() -> str:
-    import torch
+    gpu = local_gpu()
+    return gpu[0] if gpu else "cpu"
 
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+def card_memory() -> int | None:
+    """This GPU's memory as it reports it (None on CPU)."""
+    gpu = local_gpu()
+    return gpu[1] if gpu else None
 
 
 def gpt2_124m(seq: int, fused_loss: bool) -> plan.ModelShape:
@@ -51,13 +56,14 @@ def gpt2_124m(seq: int, fused_loss: bool) -> plan.ModelShape:
 
 
 def card_cluster(card: str, memory: float) -> plan.Cluster:
-    return plan.Cluster(1, 1, card, memory, 512 * plan.GiB, 0, 400.0)
+    gpu = local_gpu()
+    return plan.Cluster(1, 1, card, memory, 512 * plan.GiB, 0, 400.0, capability=gpu[2] if gpu else (9, 0))
 
 
 def choose_micro_batch(card: str, seq: int) -> int:
     """The largest micro-batch that `llm-ds plan` fits on this card with ZeRO-1, 15% to spare, with
     transformers' loss (whole logits): the plain loop's, so that every variant runs the same batch."""
-    memory = device_memory(card)
+    memory = card_memory()
     if memory is None:
         return 8
     template = json.loads((ROOT / "ds_configs" / "zero1.json").read_text())
@@ -73,7 +79,7 @@ def choose_micro_batch(card: str, seq: int) -> int:
 def planned_peak(card: str, seq: int, micro: int, name: str) -> int | None:
     """What `llm-ds plan` says an llm-ds variant allocates at its peak (torch's max_memory_allocated
     counts no CUDA context and no allocator slack, so neither does this)."""
-    memory = device_memory(card)
+    memory = card_memory()
     if memory is None or not name.startswith("zero"):
         return None
     template = json.loads((ROOT / "ds_configs" / f"zero{name[4]}.json").read_text())
