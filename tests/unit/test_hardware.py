@@ -109,3 +109,18 @@ def test_plan_without_gpu_flag_takes_this_machines_gpu_before_choosing_precision
     assert result["precision"] == "fp16"  # a V100 has no bf16
     assert result["cluster"]["device"] == "Tesla V100-SXM2-16GB"
     assert result["cluster"]["device_mem"] == 16_160 * MiB  # what the device reports, not the name's 16 GB
+
+
+def test_tf32_is_set_on_gpus_only_and_follows_the_config():
+    from llm_ds.runtime import set_matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        set_matmul_precision("cpu", True)
+        assert torch.get_float32_matmul_precision() == before
+        set_matmul_precision("cuda", True)
+        assert torch.get_float32_matmul_precision() == "high"  # TF32 tensor cores for fp32 matmuls
+        set_matmul_precision("cuda", False)
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
