@@ -22,7 +22,7 @@ from deepspeed.accelerator import get_accelerator
 
 from llm_ds.config import RunConfig
 from llm_ds.monitor import Monitor
-from llm_ds.monitor.metrics import mfu, peak_rss_bytes, straggler
+from llm_ds.monitor.metrics import StragglerWatch, mfu, peak_rss_bytes, straggler
 
 logger = logging.getLogger("llm_ds")
 STRAGGLER_LAG = 0.2  # a rank this much slower than the median, three log points running, is named
@@ -68,7 +68,7 @@ class Trainer:
         self.saver, self.control, self.first_loss = saver, control, first_loss
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self._data_wait_s = 0.0  # this rank's time waiting for batches since the last log point
-        self._slowest: list[int] = []  # the slowest rank at recent log points
+        self._stragglers = StragglerWatch(STRAGGLER_LAG, points=3)
         self.first_step_at: float | None = None  # wall-clock time the first step of this process finished
         self.rss_before_model = rss_before_model
         # Per rank, the most seen at any log point: [rss before model, peak rss, device max allocated].
@@ -208,10 +208,13 @@ class Trainer:
         if self.world_size > 1:
             slowest, lag = straggler([1000 * t / interval_steps for t in times])
             record["perf/slowest_rank"], record["perf/straggler_lag"] = slowest, lag
-            self._slowest = [*self._slowest[-2:], slowest if lag > STRAGGLER_LAG else -1]
-            if len(self._slowest) == 3 and len(set(self._slowest)) == 1 and slowest >= 0:
+            named = self._stragglers.update(slowest, lag)
+            if named is not None and self.engine.global_rank == 0:
                 logger.warning(
-                    "rank %d has been the slowest for 3 log points, %.0f%% behind the median rank", slowest, 100 * lag
+                    "rank %d has been the slowest for 3 log points running, %.0f%% behind the median rank "
+                    "(perf/slowest_rank, perf/straggler_lag follow it)",
+                    named,
+                    100 * lag,
                 )
         return record
 

@@ -34,6 +34,27 @@ def straggler(step_ms: list[float]) -> tuple[int, float]:
     return slowest, (step_ms[slowest] / median - 1.0) if median > 0 else 0.0
 
 
+class StragglerWatch:
+    """Names a rank that lagged the median rank by more than ``threshold`` at ``points`` log points
+    running; each rank once per run, so a slow node is reported without repeating at every log point."""
+
+    def __init__(self, threshold: float = 0.2, points: int = 3):
+        self.threshold, self.points = threshold, points
+        self.recent: list[int | None] = []  # the lagging rank at recent log points (None: none lagged)
+        self.named: set[int] = set()
+
+    def update(self, slowest: int, lag: float) -> int | None:
+        """Record one log point's slowest rank and its lag; return the rank to name now, if any."""
+        self.recent = [*self.recent[-(self.points - 1) :], slowest if lag > self.threshold else None]
+        rank = self.recent[0]
+        if len(self.recent) < self.points or rank is None or any(r != rank for r in self.recent):
+            return None
+        if rank in self.named:
+            return None
+        self.named.add(rank)
+        return rank
+
+
 def secret_values(environ: dict[str, str] | None = None) -> list[str]:
     """Values of environment variables that hold secrets (``*_TOKEN``, ``*_KEY``, ``*_SECRET``, ...)."""
     environ = os.environ if environ is None else environ

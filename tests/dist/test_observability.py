@@ -109,3 +109,15 @@ def test_secrets_appear_nowhere(observed):
         assert not any(secret in t for t in texts), name
     config_yaml = (out / "config.yaml").read_text()
     assert "/nonexistent/***/trigger" in config_yaml  # masked, not dropped
+
+
+def test_straggler_warnings_follow_the_logged_lags_from_rank_0_once(observed):
+    from llm_ds.monitor.metrics import StragglerWatch
+
+    out, proc = observed
+    train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    watch = StragglerWatch(threshold=0.2, points=3)
+    expected = [watch.update(r["perf/slowest_rank"], r["perf/straggler_lag"]) for r in train]
+    warned = [line for line in proc.stdout.splitlines() if "has been the slowest" in line]
+    assert len(warned) == len([rank for rank in expected if rank is not None])
+    assert not any(line.startswith("[rank") for line in warned)  # rank 0 alone says it

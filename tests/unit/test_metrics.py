@@ -3,6 +3,7 @@ import pytest
 from llm_ds.hardware import peak_tflops
 from llm_ds.monitor.metrics import (
     REDACTED,
+    StragglerWatch,
     mfu,
     redact,
     secret_values,
@@ -53,6 +54,21 @@ def test_peak_override_and_unknown_mfu():
 def test_straggler():
     assert straggler([100.0, 100.0, 150.0, 100.0]) == (2, pytest.approx(0.5))
     assert straggler([10.0]) == (0, 0.0)
+
+
+def test_straggler_watch_names_only_a_rank_that_lagged_three_log_points_running_and_once():
+    watch = StragglerWatch(threshold=0.2, points=3)
+    # Ranks within the threshold are nobody's straggler, however many log points pass.
+    assert [watch.update(1, 0.0) for _ in range(5)] == [None] * 5
+    # Rank 1 lags 50% at three points running: named at the third, and not again.
+    assert [watch.update(1, 0.5) for _ in range(5)] == [None, None, 1, None, None]
+    # A different rank lagging, interrupted once, then three running.
+    assert [watch.update(r, lag) for r, lag in [(0, 0.3), (0, 0.3), (0, 0.1), (0, 0.3), (0, 0.3), (0, 0.3)]] == [
+        None, None, None, None, None, 0
+    ]  # fmt: skip
+    # The slowest rank changing every point is no streak.
+    fresh = StragglerWatch()
+    assert [fresh.update(r, 0.5) for r in (0, 1, 0, 1, 0)] == [None] * 5
 
 
 def test_secrets_are_masked_in_nested_structures():
