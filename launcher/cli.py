@@ -47,7 +47,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hostfile", help="DeepSpeed hostfile (default: this node only)")
     parser.add_argument("--include", help="hosts/slots to use, as the runner spells it: host1:0,1@host2")
     parser.add_argument("--exclude", help="hosts/slots to leave out, same spelling")
-    parser.add_argument("--num_gpus", type=int, help="ranks on this node when there is no hostfile")
+    parser.add_argument(
+        "--num_gpus", type=int, help="ranks per node: on this node without a hostfile, on every host with one"
+    )
     parser.add_argument("--config", help="run config YAML (default: the tiny recipe)")
     parser.add_argument("--ds_config", help="DeepSpeed JSON template (default: ds_configs/zero1.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")

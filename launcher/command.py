@@ -35,9 +35,11 @@ class LaunchSpec:
 
 
 def parse_resources(text: str, hosts: list[Host], flag: str) -> dict[str, list[int]]:
-    """``host1:0,1@host2`` as the runner spells it: host -> slot indices, checked against the hostfile."""
+    """``host1:0,1@host2`` as DeepSpeed's runner reads it: host -> sorted distinct slot indices (a host named
+    twice has its slots merged, a repeated slot counts once; no slots: all of them), checked against the
+    hostfile."""
     by_name = {h.name: h for h in hosts}
-    out: dict[str, list[int]] = {}
+    out: dict[str, set[int]] = {}
     for part in text.split("@"):
         m = _RESOURCE.match(part)
         if not m:
@@ -45,26 +47,43 @@ def parse_resources(text: str, hosts: list[Host], flag: str) -> dict[str, list[i
         name = m["host"]
         if name not in by_name:
             raise HostfileError(f"{flag} {text!r}: host {name!r} is not in the hostfile ({', '.join(by_name)})")
-        slots = [int(s) for s in m["slots"].split(",")] if m["slots"] else list(range(by_name[name].slots))
-        bad = [s for s in slots if s >= by_name[name].slots]
+        slots = {int(s) for s in m["slots"].split(",")} if m["slots"] else set(range(by_name[name].slots))
+        bad = sorted(s for s in slots if s >= by_name[name].slots)
         if bad:
             raise HostfileError(f"{flag} {text!r}: {name} has slots 0-{by_name[name].slots - 1}, not {bad}")
-        out[name] = slots
-    return out
+        out.setdefault(name, set()).update(slots)
+    return {name: sorted(slots) for name, slots in out.items()}
 
 
-def selected_slots(spec: LaunchSpec) -> dict[str, int]:
-    """Ranks the launch will start on each host of the hostfile, after ``--include``/``--exclude``."""
+def selected_slot_ids(spec: LaunchSpec) -> dict[str, list[int]]:
+    """The slots the runner will start a rank on, per host, in hostfile order, as DeepSpeed's runner
+    computes them (``parse_inclusion_exclusion``, then ``--num_gpus`` ranks on every host)."""
     assert spec.hosts is not None
     if spec.include and spec.exclude:
         raise HostfileError("--include and --exclude cannot be used together")
+    if spec.num_gpus is not None and (spec.include or spec.exclude):
+        raise HostfileError("--num_gpus cannot be combined with --include or --exclude (the runner refuses it)")
+    pool = {h.name: list(range(h.slots)) for h in spec.hosts}
     if spec.include:
-        return {name: len(s) for name, s in parse_resources(spec.include, spec.hosts, "--include").items()}
-    total = {h.name: h.slots for h in spec.hosts}
-    if spec.exclude:
+        chosen = parse_resources(spec.include, spec.hosts, "--include")
+        pool = {name: chosen[name] for name in pool if name in chosen}
+    elif spec.exclude:
         for name, slots in parse_resources(spec.exclude, spec.hosts, "--exclude").items():
-            total[name] -= len(set(slots))
-    return total
+            pool[name] = [s for s in pool[name] if s not in slots]
+    pool = {name: slots for name, slots in pool.items() if slots}
+    if not pool:
+        raise HostfileError(f"--exclude {spec.exclude!r} leaves no slot of the hostfile")
+    if spec.num_gpus is not None:
+        short = [f"{h.name} (slots={h.slots})" for h in spec.hosts if h.slots < spec.num_gpus]
+        if short:
+            raise HostfileError(f"--num_gpus {spec.num_gpus} is more than the hostfile gives {', '.join(short)}")
+        pool = {name: list(range(spec.num_gpus)) for name in pool}
+    return pool
+
+
+def selected_slots(spec: LaunchSpec) -> dict[str, int]:
+    """Ranks the launch will start on each host of the hostfile, after ``--include``/``--exclude``/``--num_gpus``."""
+    return {name: len(slots) for name, slots in selected_slot_ids(spec).items()}
 
 
 def world_size(spec: LaunchSpec) -> int:
@@ -84,21 +103,21 @@ def build_command(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
     """The runner's argv (no shell ever sees it). A hostfile of this node alone runs locally, without ssh."""
     argv = [python, "-m", "deepspeed.launcher.runner"]
     if is_this_node_only(spec.hosts) and spec.launcher == "pdsh":
-        local = LaunchSpec(
-            hosts=None,
-            num_gpus=world_size(spec),
-            launcher="pdsh",
-            master_port=spec.master_port,
-            train_args=spec.train_args,
-        )
-        return build_command(local, python)
+        # Without a hostfile the runner calls this node "localhost"; the slots chosen stay the same.
+        (slots,) = selected_slot_ids(spec).values()
+        argv += ["--num_gpus", str(len(slots))] if slots == list(range(len(slots))) else [
+            "--include", "localhost:" + ",".join(map(str, slots))
+        ]  # fmt: skip
+        if spec.master_port:
+            argv += ["--master_port", str(spec.master_port)]
+        return [*argv, str(TRAIN_SCRIPT), *spec.train_args]
     if spec.hostfile is not None:
         argv += ["--hostfile", str(spec.hostfile)]
     if spec.include:
         argv += ["--include", spec.include]
     if spec.exclude:
         argv += ["--exclude", spec.exclude]
-    if spec.num_gpus is not None and spec.hosts is None:
+    if spec.num_gpus is not None:
         argv += ["--num_gpus", str(spec.num_gpus)]
     if spec.launcher in ("openmpi", "slurm"):
         argv += ["--launcher", spec.launcher]

@@ -4,7 +4,14 @@ import sys
 
 import pytest
 
-from launcher.command import LaunchSpec, build_command, propagated_env, world_size, write_env_file
+from launcher.command import (
+    LaunchSpec,
+    build_command,
+    propagated_env,
+    selected_slot_ids,
+    world_size,
+    write_env_file,
+)
 from launcher.hostfile import Host, HostfileError
 from llm_ds.cli import main
 
@@ -36,6 +43,48 @@ def test_world_size_follows_include_and_exclude(include, exclude, expected):
 def test_bad_resources(include, expected):
     with pytest.raises(HostfileError, match=expected.replace("[", r"\[").replace("]", r"\]")):
         world_size(LaunchSpec(hosts=HOSTS, include=include))
+
+
+@pytest.mark.parametrize(
+    "include, exclude, num_gpus",
+    [
+        ("", "", None),
+        ("node-a", "", None),
+        ("node-a:0@node-a:1", "", None),  # a host named twice: its slots merged
+        ("node-a:0,0", "", None),  # a slot named twice counts once
+        ("node-a:3,1@10.0.0.3", "", None),
+        ("10.0.0.3@node-a:5", "", None),  # ranks follow the hostfile's order, not the string's
+        ("", "node-b", None),
+        ("", "node-a:0,1,2@10.0.0.3", None),
+        ("", "node-a:1@node-a:1,2", None),
+        ("", "", 2),  # --num_gpus with a hostfile: that many ranks on every host
+    ],
+)
+def test_selection_agrees_with_deepspeeds_runner(include, exclude, num_gpus):
+    """The ranks llm-ds counts (world size, batch checks, plan) are the ranks the runner will start."""
+    from deepspeed.launcher.runner import apply_num_nodes_and_gpus, parse_inclusion_exclusion
+
+    pool = {h.name: h.slots for h in HOSTS}
+    theirs = apply_num_nodes_and_gpus(parse_inclusion_exclusion(pool, include, exclude), -1, num_gpus or -1)
+    ours = selected_slot_ids(LaunchSpec(hosts=HOSTS, include=include or None, exclude=exclude or None,
+                                        num_gpus=num_gpus))  # fmt: skip
+    assert list(ours.items()) == [(k, list(v)) for k, v in theirs.items()]
+
+
+def test_num_gpus_with_include_is_refused_as_the_runner_does():
+    with pytest.raises(HostfileError, match="--num_gpus cannot be combined with --include or --exclude"):
+        world_size(LaunchSpec(hosts=HOSTS, include="node-a", num_gpus=2))
+    with pytest.raises(HostfileError, match=r"--num_gpus 6 is more than the hostfile gives 10.0.0.3 \(slots=4\)"):
+        world_size(LaunchSpec(hosts=HOSTS, num_gpus=6))
+
+
+def test_a_hostfile_of_this_node_keeps_the_slots_asked_for(tmp_path):
+    hostfile = tmp_path / "hosts"
+    one = {"hosts": [Host("localhost", 4)], "hostfile": hostfile}
+    assert build_command(LaunchSpec(**one, include="localhost:2,3"), "py")[3:5] == ["--include", "localhost:2,3"]
+    assert build_command(LaunchSpec(**one, exclude="localhost:0"), "py")[3:5] == ["--include", "localhost:1,2,3"]
+    assert build_command(LaunchSpec(**one, include="localhost:0,1"), "py")[3:5] == ["--num_gpus", "2"]
+    assert build_command(LaunchSpec(**one), "py")[3:5] == ["--num_gpus", "4"]
 
 
 def test_commands_per_launcher(tmp_path):
