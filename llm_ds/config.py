@@ -26,6 +26,19 @@ BUNDLED_TOKENIZER = PACKAGE_DIR / "assets" / "tokenizer"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def shipped_path(path: str | Path, folder: Path, prefix: str) -> Path:
+    """``path`` where it exists; else, for a bare file name or one under ``prefix`` (the folder's place in
+    a checkout, e.g. ``ds_configs/zero3.json``), the copy shipped in the installed package's ``folder``.
+
+    So the README's commands work from any folder once the package is installed.
+    """
+    path = Path(path)
+    if path.exists() or path.is_absolute() or path.parent.as_posix() not in (".", prefix):
+        return path
+    shipped = folder / path.name
+    return shipped if shipped.is_file() else path
+
+
 class ConfigError(ValueError):
     """A run or DeepSpeed config that cannot be used; the message is one line for the user."""
 
@@ -405,7 +418,7 @@ def load_run_config(path: str | Path | None = None, overrides: typing.Sequence[s
     Raises:
         ConfigError: a missing file, unknown key, wrong type or invalid value, in one line.
     """
-    path = Path(path) if path else DEFAULT_CONFIG
+    path = shipped_path(path, CONFIGS_DIR, "llm_ds/configs") if path else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"run config {path}: no such file")
     try:

@@ -1,23 +1,34 @@
-"""DeepSpeed JSON templates merged with the run config.
+"""DeepSpeed JSON templates merged with the run config, and checked by DeepSpeed's own parser.
 
 ``ds_configs/*.json`` hold engine settings (ZeRO stage, offload, communication). The values
 that the run config owns may be ``"auto"`` there and are filled from it, as the Hugging Face
 Trainer does; an explicit value that disagrees with the run config or with the world size
-stops the run before training, naming both numbers. Nothing here imports torch.
+stops the run before training, naming both numbers. Every key is then checked the way
+DeepSpeed will read it: top-level keys against the ones its config parser looks up, and each
+section against its pydantic models, so a typo stops ``llm-ds config``, ``launch``, ``plan`` and
+the driver in one line, before any data work. DeepSpeed (and so torch) is imported only inside
+the checking functions.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import copy
+import difflib
 import json
+import logging
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from launcher.dsconfig import DSConfigError, check_top_level_keys
-from llm_ds.config import PACKAGE_DIR, ConfigError, RunConfig
+from llm_ds.config import PACKAGE_DIR, ConfigError, RunConfig, shipped_path
 
 AUTO = "auto"
-DS_CONFIGS_DIR = PACKAGE_DIR.parent / "ds_configs"
+# The templates live at the checkout's top level; an installed package carries them as llm_ds/ds_configs.
+DS_CONFIGS_DIR = next(
+    (d for d in (PACKAGE_DIR / "ds_configs", PACKAGE_DIR.parent / "ds_configs") if d.is_dir()),
+    PACKAGE_DIR.parent / "ds_configs",
+)
 DEFAULT_DS_CONFIG = DS_CONFIGS_DIR / "zero1.json"
 RESOLVED_PRECISIONS = ("fp32", "bf16", "fp16")
 WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")  # refuse warmup_num_steps < 1
@@ -25,7 +36,7 @@ WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")  # refuse wa
 
 def load_ds_template(path: str | Path | None) -> dict[str, Any]:
     """Read a DeepSpeed JSON template; a missing or malformed file is a ConfigError naming it."""
-    path = Path(path) if path else DEFAULT_DS_CONFIG
+    path = shipped_path(path, DS_CONFIGS_DIR, "ds_configs") if path else DEFAULT_DS_CONFIG
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config {path}: no such file")
     try:
@@ -34,11 +45,155 @@ def load_ds_template(path: str | Path | None) -> dict[str, Any]:
         raise ConfigError(f"DeepSpeed config {path}: invalid JSON at line {exc.lineno} column {exc.colno}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"DeepSpeed config {path}: top level must be a JSON object")
-    try:
-        check_top_level_keys(config, str(path))
-    except DSConfigError as exc:
-        raise ConfigError(str(exc)) from None
+    check_top_level_keys(config, str(path))
     return config
+
+
+# Top-level keys DeepSpeed reads outside its config parser, only when it builds a device mesh
+# (deepspeed.initialize; DeepSpeedConfig with a distributed world).
+MESH_KEYS = ("sequence_parallel_size", "data_parallel_size")
+
+
+def _import_deepspeed_config():
+    """``deepspeed.runtime.config``, imported without DeepSpeed's start-up lines on the console."""
+    logging.disable(logging.WARNING)  # e.g. "Setting accelerator to CPU" on a machine without GPUs
+    try:
+        import deepspeed.runtime.config as ds_runtime_config
+    finally:
+        logging.disable(logging.NOTSET)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return ds_runtime_config
+
+
+@lru_cache(maxsize=1)
+def deepspeed_top_level_keys() -> frozenset[str]:
+    """The top-level keys the installed DeepSpeed reads: every key its ``DeepSpeedConfig`` looks up while
+    parsing a config (recorded as it does), and the device-mesh keys ``deepspeed.initialize`` reads."""
+    ds_runtime_config = _import_deepspeed_config()
+    seen: set[str] = set()
+
+    class Keys(collections.abc.KeysView):
+        def __contains__(self, key):
+            seen.add(key)
+            return key in self._mapping
+
+    class Recording(dict):
+        def get(self, key, *default):
+            seen.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            seen.add(key)
+            return super().__contains__(key)
+
+        def keys(self):
+            return Keys(self)
+
+    minimal = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+    ds_runtime_config.DeepSpeedConfig(Recording(minimal))
+    return frozenset(seen | set(MESH_KEYS))
+
+
+def _closest(word: str, candidates) -> str:
+    match = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
+    return f"; did you mean `{match[0]}`?" if match else ""
+
+
+def check_top_level_keys(config: dict[str, Any], source: str) -> None:
+    """Refuse a top-level key DeepSpeed does not read (it would ignore it silently), naming the closest one."""
+    keys = deepspeed_top_level_keys()
+    for key in config:
+        if key not in keys:
+            raise ConfigError(
+                f"DeepSpeed config {source}: unknown top-level key `{key}` (DeepSpeed would ignore it)"
+                f"{_closest(key, keys)}"
+            )
+
+
+def check_with_deepspeed(ds: dict[str, Any], source: str) -> None:
+    """Parse a resolved config with DeepSpeed's own ``DeepSpeedConfig``; whatever it refuses (a key no
+    section model has, a value of the wrong kind) becomes one line naming the key path and the closest
+    valid key. The batch sizes are given for one rank, as no process group exists yet."""
+    import pydantic
+
+    ds_runtime_config = _import_deepspeed_config()
+    one_rank = copy.deepcopy(ds)
+    micro, accum = one_rank.get("train_micro_batch_size_per_gpu"), one_rank.get("gradient_accumulation_steps")
+    if isinstance(micro, int) and isinstance(accum, int):
+        one_rank["train_batch_size"] = micro * accum
+    try:
+        ds_runtime_config.DeepSpeedConfig(one_rank)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_describe(exc, ds, source)) from None
+    except (ValueError, AssertionError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"DeepSpeed config {source}: DeepSpeed refuses it: {first}") from None
+
+
+def _describe(exc, ds: dict[str, Any], source: str) -> str:
+    """One line for a pydantic error of one of DeepSpeed's section models."""
+    error = exc.errors()[0]
+    loc = tuple(str(part) for part in error["loc"])
+    model = _model_named(exc.title)
+    sections = [k for k, v in ds.items() if isinstance(v, dict) and _has_path(v, loc)]
+    if len(sections) > 1 and model is not None:  # the section whose own model refuses it
+        sections = [k for k in sections if _refused(model, ds[k])] or sections
+    path = ".".join((sections[0], *loc) if sections else loc)
+    if error["type"] == "extra_forbidden":
+        return f"DeepSpeed config {source}: unknown key `{path}`{_closest(loc[-1], _valid_keys(model, loc[:-1]))}"
+    return f"DeepSpeed config {source}: `{path}`={error.get('input')!r}: {error['msg']}"
+
+
+def _has_path(section: dict, loc: tuple[str, ...]) -> bool:
+    for part in loc:
+        if not isinstance(section, dict) or part not in section:
+            return False
+        section = section[part]
+    return True
+
+
+def _refused(model, value: dict) -> bool:
+    import pydantic
+
+    try:
+        model(**value)
+    except pydantic.ValidationError:
+        return True
+    except Exception:  # noqa: BLE001 - a model that cannot take this section at all does not own it
+        return False
+    return False
+
+
+def _model_named(name: str):
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    return next((m for m in subclasses(DeepSpeedConfigModel) if m.__name__ == name), None)
+
+
+def _valid_keys(model, loc: tuple[str, ...]) -> set[str]:
+    """The field names (and aliases) of a DeepSpeed section model, or of its nested model at ``loc``."""
+    import typing
+
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return set()
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, DeepSpeedConfigModel)), None)
+    if model is None:
+        return set()
+    return {name for name in model.model_fields} | {f.alias for f in model.model_fields.values() if f.alias}
 
 
 def global_batch_size(cfg: RunConfig, world_size: int) -> int:
@@ -151,6 +306,7 @@ def resolve_ds_config(
         if offload and offload.get("device") == "nvme":
             if offload.get("nvme_path", AUTO) == AUTO:
                 offload["nvme_path"] = nvme_path
+    check_with_deepspeed(ds, where)
     return ds
 
 

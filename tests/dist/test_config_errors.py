@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_driver
+from tests.conftest import ROOT, run_driver
 
 
 def assert_refused(proc, *fragments):
@@ -49,3 +49,13 @@ def test_contradicting_batch_size_stops_every_rank(tmp_path):
     assert_refused(proc, "bad_batch.json: train_batch_size=12", "train.micro_batch_size (4)",
                    "world size (2) = 8")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_typo_inside_a_ds_config_section_stops_the_driver_before_the_data(tmp_path):
+    template = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    template["zero_optimization"]["overlap_com"] = True
+    (tmp_path / "typo.json").write_text(json.dumps(template))
+    proc = run_driver(["--ds_config", str(tmp_path / "typo.json"), "--set", f"train.output_dir={tmp_path / 'run'}",
+                       "--set", f"data.cache_dir={tmp_path / 'cache'}"], ranks=None, timeout=300)  # fmt: skip
+    assert_refused(proc, "unknown key `zero_optimization.overlap_com`; did you mean `overlap_comm`?")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # no data work, nothing written

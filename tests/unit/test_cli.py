@@ -1,6 +1,7 @@
 import json
 
 from llm_ds.cli import main
+from tests.conftest import ROOT
 
 
 def test_config_prints_the_resolved_pair(capsys):
@@ -81,3 +82,13 @@ def test_report_draws_a_png(tmp_path, capsys):
 def test_export_of_a_folder_that_is_no_checkpoint(tmp_path, capsys):
     assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "not a complete llm-ds checkpoint" in capsys.readouterr().err
+
+
+def test_config_refuses_a_typo_inside_a_section_in_one_line(tmp_path, capsys):
+    template = json.loads((ROOT / "ds_configs" / "zero2_offload.json").read_text())
+    template["zero_optimization"]["offload_optimizer"]["pin_memroy"] = True
+    (tmp_path / "typo.json").write_text(json.dumps(template))
+    assert main(["config", "--ds_config", str(tmp_path / "typo.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "unknown key `zero_optimization.offload_optimizer.pin_memroy`; did you mean `pin_memory`?" in err

@@ -139,6 +139,69 @@ def test_unknown_top_level_key_is_refused(tmp_path, key, hint):
     assert str(err.value).endswith(f"typo.json: unknown top-level key `{key}` (DeepSpeed would ignore it){suffix}")
 
 
+@pytest.mark.parametrize("key", ["stage", "lr", "offload_optimizer", "seed"])
+def test_words_of_deepspeeds_source_that_are_no_top_level_key_are_refused(key):
+    from llm_ds.ds_config import check_top_level_keys
+
+    with pytest.raises(ConfigError, match=f"unknown top-level key `{key}`"):
+        check_top_level_keys({key: 1}, "x.json")
+
+
+def test_the_top_level_keys_are_derived_from_deepspeeds_parser():
+    """Recorded from DeepSpeedConfig as it parses: if that stops working for a DeepSpeed version, fail here
+    rather than check nothing."""
+    from llm_ds.ds_config import deepspeed_top_level_keys
+
+    keys = deepspeed_top_level_keys()
+    for path in SHIPPED:
+        assert set(json.loads(path.read_text())) <= keys, path.name
+    common = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+              "scheduler", "fp16", "bf16", "gradient_clipping", "zero_optimization", "activation_checkpointing",
+              "flops_profiler", "steps_per_print", "wall_clock_breakdown", "tensorboard", "wandb", "aio",
+              "checkpoint", "compile", "data_types", "communication_data_type", "tensor_parallel",
+              "pipeline"}  # fmt: skip
+    assert common <= keys
+    assert len(keys) < 200  # keys DeepSpeed reads, not every word in its source
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("zero_optimization", "overlap_com", True),
+         "unknown key `zero_optimization.overlap_com`; did you mean `overlap_comm`?"),
+        (("zero_optimization.offload_optimizer", "pin_memroy", True),
+         "unknown key `zero_optimization.offload_optimizer.pin_memroy`; did you mean `pin_memory`?"),
+        (("bf16", "enabld", True), "unknown key `bf16.enabld`; did you mean `enabled`?"),
+        (("zero_optimization", "stage", 7), "`zero_optimization.stage`=7: Input should be"),
+        (("zero_optimization", "reduce_bucket_size", "big"), "`zero_optimization.reduce_bucket_size`='big'"),
+    ],
+)  # fmt: skip
+def test_section_typos_are_refused_as_deepspeed_refuses_them(edit, message):
+    """DeepSpeed's own DeepSpeedConfig rejects these (later, in deepspeed.initialize, as a pydantic
+    traceback); resolving the template says so first, in one line naming the key."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    section, key, value = edit
+    ds = load_ds_template(DS_CONFIGS_DIR / "zero3_offload.json")
+    node = ds
+    for part in section.split("."):
+        node = node[part]
+    node[key] = value
+    cfg = load_run_config(None, [])
+    resolved = resolve_ds_config(load_ds_template(DS_CONFIGS_DIR / "zero3_offload.json"), cfg, 1, "fp32", 10)
+    node = resolved
+    for part in section.split("."):
+        node = node[part]
+    node[key] = value
+    with pytest.raises(pydantic.ValidationError):  # the library itself refuses the same config
+        DeepSpeedConfig(resolved)
+    with pytest.raises(ConfigError) as err:
+        resolve_ds_config(ds, cfg, 1, "fp32", total_steps=10, source="zero3_offload.json")
+    line = str(err.value)
+    assert line.startswith("DeepSpeed config zero3_offload.json: ") and message in line and "\n" not in line
+
+
 def test_every_key_deepspeed_reads_is_accepted(tmp_path):
     keys = [
         "tensorboard",
