@@ -117,16 +117,18 @@ def check_top_level_keys(config: dict[str, Any], source: str) -> None:
 def check_with_deepspeed(ds: dict[str, Any], source: str) -> None:
     """Parse a resolved config with DeepSpeed's own ``DeepSpeedConfig``; whatever it refuses (a key no
     section model has, a value of the wrong kind) becomes one line naming the key path and the closest
-    valid key. The batch sizes are given for one rank, as no process group exists yet."""
+    valid key. Before the process group exists, the batch sizes are given for one rank, as DeepSpeed
+    then counts one."""
     import pydantic
+    import torch.distributed
 
     ds_runtime_config = _import_deepspeed_config()
-    one_rank = copy.deepcopy(ds)
-    micro, accum = one_rank.get("train_micro_batch_size_per_gpu"), one_rank.get("gradient_accumulation_steps")
-    if isinstance(micro, int) and isinstance(accum, int):
-        one_rank["train_batch_size"] = micro * accum
+    checked = copy.deepcopy(ds)
+    micro, accum = checked.get("train_micro_batch_size_per_gpu"), checked.get("gradient_accumulation_steps")
+    if not torch.distributed.is_initialized() and isinstance(micro, int) and isinstance(accum, int):
+        checked["train_batch_size"] = micro * accum  # DeepSpeedConfig counts one rank without a process group
     try:
-        ds_runtime_config.DeepSpeedConfig(one_rank)
+        ds_runtime_config.DeepSpeedConfig(checked)
     except pydantic.ValidationError as exc:
         raise ConfigError(_describe(exc, ds, source)) from None
     except (ValueError, AssertionError, KeyError, TypeError) as exc:
