@@ -198,7 +198,11 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm-ds", description="Train GPT-2-style models with DeepSpeed.")
+    from llm_ds import __version__
+    from llm_ds.flags import ArgumentParser
+
+    parser = ArgumentParser(prog="llm-ds", description="Train GPT-2-style models with DeepSpeed.")
+    parser.add_argument("--version", action="version", version=f"llm-ds {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in COMMANDS:
         register(subparsers)

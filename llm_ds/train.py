@@ -26,7 +26,9 @@ from llm_ds.ds_config import load_ds_template, resolve_ds_config, resolve_precis
 
 
 def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="llm_ds/train.py", description=__doc__)
+    from llm_ds.flags import ArgumentParser
+
+    parser = parser or ArgumentParser(prog="llm_ds/train.py", description=__doc__)
     parser.add_argument("--config", help="run config YAML (default: the bundled tiny.yaml)")
     parser.add_argument("--ds_config", help="DeepSpeed JSON template (default: ds_configs/zero1.json)")
     parser.add_argument(

@@ -64,13 +64,25 @@ class JsonlSink(Sink):
 class TensorBoardSink(Sink):
     name = "tensorboard"
 
-    def __init__(self, log_dir: Path, texts: dict[str, str], resume_step: int = 0):
+    def __init__(self, log_dir: Path, texts: dict[str, str], resume_step: int = 0, hparams: dict | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step hides what a crashed run logged after the checkpoint being resumed.
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if resume_step else None)
         for tag, text in texts.items():
             self.writer.add_text(tag, f"```\n{text}\n```", 0)
+        if hparams:
+            self._add_hparams(hparams)
+
+    def _add_hparams(self, hparams: dict) -> None:
+        """The run's hyperparameters for TensorBoard's HParams tab, in this run's own event file, with
+        ``eval/loss`` as the metric (the tab shows its last value: the final evaluation)."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flatten(hparams).items()}
+        writer = self.writer._get_file_writer()
+        for summary in hparams_summaries(flat, {"eval/loss": None}):
+            writer.add_summary(summary)
 
     def write(self, record):
         step = record["step"]
@@ -134,6 +146,17 @@ class ProgressSink(Sink):
 
 def is_terminal(stream) -> bool:
     return hasattr(stream, "isatty") and stream.isatty()
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``; lists and other leaves kept as they are."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 class Monitor:
@@ -200,7 +223,7 @@ def build_monitor(
     sinks: list[Sink] = [JsonlSink(out_dir / "metrics.jsonl", resume_step)]
     factories = []
     if cfg.tensorboard:
-        factories.append(("tensorboard", lambda: TensorBoardSink(out_dir / "tensorboard", texts, resume_step)))
+        factories.append(("tensorboard", lambda: TensorBoardSink(out_dir / "tensorboard", texts, resume_step, hparams)))
     if is_terminal(sys.stderr):  # plain lines only where the output is a log file (CI, schedulers)
         factories.append(("progress", lambda: ProgressSink(total_steps, resume_step)))
     if cfg.wandb:

@@ -121,3 +121,24 @@ def test_straggler_warnings_follow_the_logged_lags_from_rank_0_once(observed):
     warned = [line for line in proc.stdout.splitlines() if "has been the slowest" in line]
     assert len(warned) == len([rank for rank in expected if rank is not None])
     assert not any(line.startswith("[rank") for line in warned)  # rank 0 alone says it
+
+
+def test_tensorboard_has_the_hyperparameters_with_eval_loss_as_the_metric(observed):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    out, _ = observed
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    data = {tag: plugin_data_pb2.HParamsPluginData.FromString(raw)
+            for tag, raw in acc.PluginTagToContent("hparams").items()}  # fmt: skip
+    experiment = next(d.experiment for d in data.values() if d.WhichOneof("data") == "experiment")
+    assert [m.name.tag for m in experiment.metric_infos] == ["eval/loss"]
+    start = next(d.session_start_info for d in data.values() if d.WhichOneof("data") == "session_start_info")
+    assert start.hparams["train.micro_batch_size"].number_value == 4
+    assert start.hparams["data.block_size"].number_value == 64
+    assert start.hparams["deepspeed.zero_optimization.stage"].number_value == 2
+    assert SECRETS["ACME_SECRET"] not in start.hparams["checkpoint.save_trigger"].string_value  # redacted
+    # The metric is the eval/loss scalar of the same run: its last value is the final evaluation.
+    summary = json.loads((out / "summary.json").read_text())
+    assert acc.Scalars("eval/loss")[-1].value == pytest.approx(summary["final_eval_loss"], rel=1e-6)

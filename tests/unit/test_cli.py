@@ -92,3 +92,36 @@ def test_config_refuses_a_typo_inside_a_section_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert "unknown key `zero_optimization.offload_optimizer.pin_memroy`; did you mean `pin_memory`?" in err
+
+
+def test_version(capsys):
+    import importlib.metadata
+
+    import pytest
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"llm-ds {importlib.metadata.version('llm-ds')}"
+
+
+def test_every_long_flag_of_every_command_takes_both_spellings():
+    import argparse
+
+    from llm_ds.cli import build_parser
+
+    parser = build_parser()
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    checked = 0
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and ("_" in flag or "-" in flag[2:]):
+                    for other in (flag.replace("_", "-"), "--" + flag[2:].replace("-", "_")):
+                        assert sub._option_string_actions[other] is action, (name, flag, other)
+                        checked += 1
+    assert checked > 20
+    plan = parser.parse_args(["plan", "--num-gpus", "2", "--gpu_mem_gb", "40"])
+    assert plan.num_gpus == 2 and plan.gpu_mem_gb == 40.0
+    launch = parser.parse_args(["launch", "--dry_run", "--master-port", "3", "--ds-config", "x.json"])
+    assert launch.dry_run and launch.master_port == 3 and launch.ds_config == "x.json"
