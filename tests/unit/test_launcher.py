@@ -188,3 +188,28 @@ def test_bad_launches_stop_with_one_line(tmp_path, capsys, hostfile, args, expec
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and expected in err[0], err
     assert not (tmp_path / "r").exists()
+
+
+def test_doctor_probes_hosts_concurrently_and_reports_in_hostfile_order(monkeypatch, tmp_path):
+    import threading
+    import time
+
+    from launcher import doctor
+
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow_probe(host, ckpt_dir, marker, token, ssh_port):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.2 if host.name != "node-a" else 0.4)  # the first host answers last
+        with lock:
+            in_flight[0] -= 1
+        return {"host": host.name}
+
+    monkeypatch.setattr(doctor, "probe_host", slow_probe)
+    hosts = [Host(f"node-{c}", 1) for c in "abcdefgh"]
+    results = doctor.probe_hosts(hosts, tmp_path, tmp_path / "m", "t", None, workers=4)
+    assert list(results) == [h.name for h in hosts] and all(results[h.name]["host"] == h.name for h in hosts)
+    assert most[0] == 4  # bounded, and concurrent
