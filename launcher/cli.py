@@ -6,10 +6,21 @@ import argparse
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from launcher.command import LAUNCHERS, LaunchSpec, build_command, propagated_env, world_size, write_env_file
+from launcher.command import (
+    LAUNCHERS,
+    LaunchSpec,
+    build_command,
+    is_secret_name,
+    is_this_node_only,
+    propagated_env,
+    withheld_secrets,
+    world_size,
+    write_env_file,
+)
 from launcher.hostfile import HostfileError, parse_hostfile
 
 if TYPE_CHECKING:
@@ -111,20 +122,28 @@ def launch_command(args: argparse.Namespace) -> int:
     argv = build_command(spec)
     env = propagated_env(dict(os.environ), spec.env_names)
     env_file = (cfg.output_dir / ".deepspeed_env").resolve()
+    withheld = withheld_secrets(dict(os.environ), spec.env_names)
+    secrets_sent = sorted(name for name in env if is_secret_name(name))
+    if withheld:
+        print(
+            f"not propagated: {', '.join(withheld)} (secrets reach other nodes only with --env NAME; or log in "
+            "on each node: `wandb login`, `huggingface-cli login`)",
+            file=sys.stderr,
+        )
+    if secrets_sent and spec.hosts and not is_this_node_only(spec.hosts) and spec.launcher == "pdsh":
+        print(
+            f"warning: {', '.join(secrets_sent)} go to every node on the runner's command line (pdsh), "
+            "visible to `ps` there",
+            file=sys.stderr,
+        )
     if args.dry_run:
         print(shlex.join(argv))
         print(f"# {ranks} rank(s); propagated to every node through {env_file}:")
         for name, value in env.items():
-            print(f"{name}={redact(value) if name not in _secret_names(env) else '***'}")
+            print(f"{name}={redact(value) if not is_secret_name(name) else '***'}")
         return 0
     write_env_file(env_file, env)
     run_env = {**os.environ, "DS_ENV_FILE": str(env_file)}
     if spec.hostfile:
         run_env["LLM_DS_HOSTFILE"] = str(spec.hostfile)
     return subprocess.run(argv, env=run_env).returncode
-
-
-def _secret_names(env: dict[str, str]) -> set[str]:
-    from llm_ds.monitor.metrics import SECRET_NAME
-
-    return {k for k in env if SECRET_NAME.search(k)}

@@ -130,9 +130,31 @@ def build_command(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
     return [*argv, str(TRAIN_SCRIPT), *spec.train_args]
 
 
+def is_secret_name(name: str) -> bool:
+    from llm_ds.monitor.metrics import SECRET_NAME
+
+    return bool(SECRET_NAME.search(name))
+
+
 def propagated_env(environ: dict[str, str], extra_names: list[str]) -> dict[str, str]:
-    """The variables every node gets: NCCL_*, GLOO_*, HF_*, WANDB_* and the names asked for."""
-    return {k: v for k, v in sorted(environ.items()) if k.startswith(PROPAGATED_PREFIXES) or k in extra_names}
+    """The variables every node gets: NCCL_*, GLOO_*, HF_*, WANDB_* and the names asked for (``--env``).
+
+    Secret-named variables (``HF_TOKEN``, ``WANDB_API_KEY``, ``*_KEY``, ``*_TOKEN``...) only when named
+    with ``--env``: the file holds them in plain text, and DeepSpeed's pdsh runner puts every variable
+    of it on each node's command line, where ``ps`` shows it.
+    """
+    return {
+        k: v
+        for k, v in sorted(environ.items())
+        if k in extra_names or (k.startswith(PROPAGATED_PREFIXES) and not is_secret_name(k))
+    }
+
+
+def withheld_secrets(environ: dict[str, str], extra_names: list[str]) -> list[str]:
+    """Secret-named variables of a propagated prefix that stay on this node (not named with ``--env``)."""
+    return sorted(
+        k for k in environ if k.startswith(PROPAGATED_PREFIXES) and is_secret_name(k) and k not in extra_names
+    )
 
 
 def write_env_file(path: Path, env: dict[str, str]) -> None:

@@ -9,6 +9,7 @@ from launcher.command import (
     build_command,
     propagated_env,
     selected_slot_ids,
+    withheld_secrets,
     world_size,
     write_env_file,
 )
@@ -127,7 +128,11 @@ def test_propagated_environment_and_its_file(tmp_path):
         "HOME": "/root",
     }
     env = propagated_env(environ, ["MY_VAR"])
-    assert set(env) == {"NCCL_DEBUG", "GLOO_SOCKET_IFNAME", "HF_HOME", "WANDB_API_KEY", "MY_VAR"}
+    # A secret is written to the file (and by pdsh onto each node's command line) only when named.
+    assert set(env) == {"NCCL_DEBUG", "GLOO_SOCKET_IFNAME", "HF_HOME", "MY_VAR"}
+    assert withheld_secrets(environ, ["MY_VAR"]) == ["WANDB_API_KEY"]
+    assert "WANDB_API_KEY" in propagated_env(environ, ["WANDB_API_KEY"])
+    assert withheld_secrets(environ, ["WANDB_API_KEY"]) == []
     path = tmp_path / "run" / ".deepspeed_env"
     write_env_file(path, env)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -153,11 +158,19 @@ def test_dry_run_prints_the_command_and_masks_secrets(tmp_path, capsys, monkeypa
         )
         == 0
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert out.splitlines()[0].startswith(f"{sys.executable} -m deepspeed.launcher.runner --hostfile ")
-    assert "# 4 rank(s)" in out and "HF_TOKEN=***" in out and "NCCL_DEBUG=WARN" in out
-    assert "hf_secretvalue42" not in out
+    assert "# 4 rank(s)" in out and "NCCL_DEBUG=WARN" in out and "HF_TOKEN" not in out
+    assert "not propagated: HF_TOKEN (secrets reach other nodes only with --env NAME" in captured.err
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    # Named with --env, it is propagated (masked in the listing), with a word on where pdsh puts it.
+    args = ["launch", "--hostfile", str(tmp_path / "hosts"), "--dry-run", "--env", "HF_TOKEN",
+            "--set", f"train.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "HF_TOKEN=***" in captured.out and "hf_secretvalue42" not in captured.out + captured.err
+    assert "HF_TOKEN go to every node on the runner's command line (pdsh), visible to `ps` there" in captured.err
 
 
 @pytest.mark.parametrize(
