@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# The wheel index torch comes from; empty: pip's own (the CPU build on this kind of machine, where
+# pip is set up for it; elsewhere on Linux, PyPI's default CUDA build). E.g.
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu (CPU only) or .../whl/cu128 (CUDA 12.8).
+TORCH_INDEX ?=
 CONFIG ?= llm_ds/configs/tiny.yaml
 DS_CONFIG ?= ds_configs/zero2.json
 ARGS ?=
@@ -21,7 +25,8 @@ $(STAMP): setup.cfg pyproject.toml
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	else \
-		echo "installing $(TORCH)"; $(PY) -m pip install -q "$(TORCH)"; \
+		echo "installing $(TORCH)$(if $(TORCH_INDEX), from $(TORCH_INDEX))"; \
+		$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"; \
 	fi
 	@$(PY) -m pip install -q -e ".[dev]"
 	@$(MAKE) --no-print-directory sysdeps
