@@ -44,7 +44,14 @@ def iter_split(
 
 
 def local_files(cfg: DataConfig) -> list[Path]:
-    return [f for s in (*cfg.train_sources(), *cfg.val_sources) for f in source_files(s)]
+    """Every local file the sources depend on: their own files, and the files of a ``hub:`` source that is
+    a local dataset folder (``datasets.load_dataset`` reads it; editing it must change the cache key)."""
+    files = []
+    for source in (*cfg.train_sources(), *cfg.val_sources):
+        files += source_files(source)
+        if source.hub and Path(source.hub).is_dir():
+            files += sorted(p for p in Path(source.hub).rglob("*") if p.is_file())
+    return files
 
 
 def cache_key(cfg: DataConfig, tokenizer, seed: int) -> str:

@@ -158,3 +158,17 @@ def test_in_memory_blocks_are_the_packed_stream(tmp_path, tokenizer):
         np.concatenate([ds[i]["input_ids"].numpy() for i in range(len(ds))]).tolist()
         == ds.stream[: len(ds) * 16].tolist()
     )
+
+
+def test_editing_a_local_hub_dataset_folder_changes_the_cache_key(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "mydataset" / "data"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["one document", "another"]}), folder / "train-00000-of-00001.parquet")
+    cfg = DataConfig(sources=[SourceConfig(hub=str(tmp_path / "mydataset"))], cache_dir=str(tmp_path / "cache"))
+    key = cache_key(cfg, tokenizer, 0)
+    assert cache_key(cfg, tokenizer, 0) == key
+    pq.write_table(pa.table({"text": ["one document, edited", "another"]}), folder / "train-00000-of-00001.parquet")
+    assert cache_key(cfg, tokenizer, 0) != key  # stale tokens are not reused
