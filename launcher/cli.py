@@ -146,4 +146,64 @@ def launch_command(args: argparse.Namespace) -> int:
     run_env = {**os.environ, "DS_ENV_FILE": str(env_file)}
     if spec.hostfile:
         run_env["LLM_DS_HOSTFILE"] = str(spec.hostfile)
-    return subprocess.run(argv, env=run_env).returncode
+    return run_supervised(argv, run_env, cfg.output_dir / "summary.json")
+
+
+def run_supervised(argv: list[str], env: dict[str, str], summary: Path, grace_s: float = 600.0) -> int:
+    """Run DeepSpeed's runner and return its status, forwarding SIGTERM and SIGINT.
+
+    The runner starts in a process group of its own, and a signal to this process goes to that whole
+    group: the runner, its launcher and the ranks on this node (which save at a step boundary and
+    stop; the runner stops the other nodes' ranks). This process then waits until every process of the
+    group has exited, so nothing is left training. DeepSpeed's launcher exits 1 after it stops its
+    ranks; when rank 0's summary says the run stopped on the signal (written after this launch began),
+    the stop was clean and the status is 0.
+    """
+    import signal
+    import time
+
+    started = time.time()
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+        deadline = time.time() + grace_s
+        while _group_alive(proc.pid) and time.time() < deadline:  # the ranks may still be saving
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received and code != 0 and _stopped_on_signal(summary, started):
+        print(f"llm-ds launch: stopped on {signal.Signals(received[0]).name}, checkpoint saved", file=sys.stderr)
+        return 0
+    return code
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stopped_on_signal(summary: Path, since: float) -> bool:
+    import json
+
+    try:
+        if summary.stat().st_mtime < since:
+            return False
+        return bool(json.loads(summary.read_text()).get("stopped_by"))
+    except (OSError, ValueError):
+        return False
