@@ -40,52 +40,43 @@ from llm_ds.hardware import local_gpu, peak_tflops  # noqa: E402
 from llm_ds.monitor.metrics import mfu, training_flops_per_token  # noqa: E402
 
 
-def card_name() -> str:
+def card_cluster() -> plan.Cluster | None:
+    """This GPU as `llm-ds plan` sees it, from what the device reports (None on CPU)."""
     gpu = local_gpu()
-    return gpu[0] if gpu else "cpu"
-
-
-def card_memory() -> int | None:
-    """This GPU's memory as it reports it (None on CPU)."""
-    gpu = local_gpu()
-    return gpu[1] if gpu else None
+    if gpu is None:
+        return None
+    name, memory, capability = gpu
+    return plan.Cluster(1, 1, name, memory, 512 * plan.GiB, 0, 400.0, capability=capability)
 
 
 def gpt2_124m(seq: int, fused_loss: bool) -> plan.ModelShape:
     return plan.ModelShape(12, 768, 12, 1024, 50257, seq, fused_loss=fused_loss)
 
 
-def card_cluster(card: str, memory: float) -> plan.Cluster:
-    gpu = local_gpu()
-    return plan.Cluster(1, 1, card, memory, 512 * plan.GiB, 0, 400.0, capability=gpu[2] if gpu else (9, 0))
-
-
-def choose_micro_batch(card: str, seq: int) -> int:
+def choose_micro_batch(cluster: plan.Cluster | None, seq: int) -> int:
     """The largest micro-batch that `llm-ds plan` fits on this card with ZeRO-1, 15% to spare, with
     transformers' loss (whole logits): the plain loop's, so that every variant runs the same batch."""
-    memory = card_memory()
-    if memory is None:
+    if cluster is None:
         return 8
     template = json.loads((ROOT / "ds_configs" / "zero1.json").read_text())
     best = 1
     for micro in (1, 2, 4, 8, 16, 32, 64):
         cand = plan.Candidate(1, micro_batch=micro)
-        est = plan.estimate(gpt2_124m(seq, False), cand, card_cluster(card, memory), micro, "bf16", template)
-        if est.device_total <= 0.85 * memory:
+        est = plan.estimate(gpt2_124m(seq, False), cand, cluster, micro, "bf16", template)
+        if est.device_total <= 0.85 * cluster.device_mem:
             best = micro
     return best
 
 
-def planned_peak(card: str, seq: int, micro: int, name: str) -> int | None:
+def planned_peak(cluster: plan.Cluster | None, seq: int, micro: int, name: str) -> int | None:
     """What `llm-ds plan` says an llm-ds variant allocates at its peak (torch's max_memory_allocated
     counts no CUDA context and no allocator slack, so neither does this)."""
-    memory = card_memory()
-    if memory is None or not name.startswith("zero"):
+    if cluster is None or not name.startswith("zero"):
         return None
     template = json.loads((ROOT / "ds_configs" / f"zero{name[4]}.json").read_text())
     shape = gpt2_124m(seq, "_transformers_loss" not in name)
     cand = plan.Candidate(int(name[4]), micro_batch=micro)
-    return plan.estimate(shape, cand, card_cluster(card, memory), micro, "bf16", template).peak_allocated()
+    return plan.estimate(shape, cand, cluster, micro, "bf16", template).peak_allocated()
 
 
 WARMUP_STEPS = 5  # not timed: allocator growth, cuDNN/cuBLAS heuristics, compiled graphs' first calls
@@ -242,10 +233,11 @@ def main() -> None:
     import torch
     import transformers
 
-    card = card_name()
+    cluster = card_cluster()
+    card = cluster.device if cluster else "cpu"
     config = str(ROOT / "llm_ds" / "configs" / ("tiny.yaml" if args.smoke else "gpt2-124m.yaml"))
     seq = 128 if args.smoke else 1024
-    micro = 4 if args.smoke else choose_micro_batch(card, seq)
+    micro = 4 if args.smoke else choose_micro_batch(cluster, seq)
     steps = WARMUP_STEPS + 2 * LOG_INTERVAL if args.smoke else args.steps
     shape = (4, 128, 256, 8192) if args.smoke else (12, 768, 1024, 50257)
     n_layer, n_embd, n_positions, vocab = shape
@@ -316,7 +308,7 @@ def main() -> None:
         r["wall_s"] = time.perf_counter() - start
         if "tokens_per_s" in r and r["tokens_per_s"]:
             r["mfu"] = mfu(r["tokens_per_s"], flops, peak)
-        planned = None if args.smoke else planned_peak(card, seq, micro, name)
+        planned = None if args.smoke else planned_peak(cluster, seq, micro, name)
         if planned and r.get("peak_memory_bytes"):
             r["plan_peak_allocated_bytes"] = planned
             r["plan_peak_error"] = planned / r["peak_memory_bytes"] - 1

@@ -42,8 +42,7 @@ class Card:
 
     @property
     def has_bf16(self) -> bool:
-        """Native bf16: Ampere (compute capability 8.0) and newer; older cards emulate it slowly."""
-        return self.capability >= (8, 0)
+        return has_native_bf16(self.capability)
 
 
 HOPPER = {"capability": (9, 0), "bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0}
@@ -99,12 +98,6 @@ def peak_tflops(device_name: str, precision: str, override: float | None = None,
     if precision == "bf16":
         return card.bf16 or card.fp16
     return card.fp16
-
-
-def device_memory(device_name: str) -> int | None:
-    """Bytes of memory a device of this name reports to torch, or None where the table does not know it."""
-    card = find_card(device_name)
-    return card.memory_bytes if card else None
 
 
 def has_native_bf16(capability: tuple[int, int] | None) -> bool:

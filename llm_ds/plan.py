@@ -708,8 +708,8 @@ def build_cluster(args, world: int, nodes: int, precision: str, gpu: tuple | Non
         if args.tflops is None and peak is None:
             raise PlanError(f"--gpu {device!r}: unknown peak throughput; give --tflops (sustained TFLOP/s per GPU)")
         tflops = args.tflops or DEFAULT_EFFICIENCY * peak
+        capability = known_capability or capability
         card = find_card(device)
-        capability = known_capability or (card.capability if card else capability)
         nvls = bool(card and card.nvls)
     return Cluster(
         nodes,

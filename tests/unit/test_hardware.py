@@ -57,11 +57,11 @@ def test_real_device_names_find_their_card(name, label, seen_mib):
 
 
 def test_names_that_used_to_match_a_longer_or_larger_card():
-    assert hardware.device_memory("NVIDIA A100-SXM4-40GB") < 40 * 2**30  # not 80 GiB
-    assert hardware.device_memory("NVIDIA A100-PCIE-40GB") < 40 * 2**30
+    assert hardware.find_card("NVIDIA A100-SXM4-40GB").memory_bytes < 40 * 2**30  # not 80 GiB
+    assert hardware.find_card("NVIDIA A100-PCIE-40GB").memory_bytes < 40 * 2**30
     assert hardware.find_card("NVIDIA L40").label == "L40"  # not L4
     assert hardware.peak_tflops("NVIDIA L40", "bf16") == 181.0
-    assert hardware.device_memory("Tesla V100-SXM2-16GB") < 16 * 2**30  # not 32 GiB
+    assert hardware.find_card("Tesla V100-SXM2-16GB").memory_bytes < 16 * 2**30  # not 32 GiB
     assert hardware.peak_tflops("NVIDIA H100 NVL", "bf16") == 835.0  # not the SXM peak
     assert hardware.peak_tflops("NVIDIA H200 NVL", "bf16") == 835.0
     assert hardware.find_card("cpu") is None and hardware.find_card("NVIDIA B100-Future") is None
