@@ -74,6 +74,14 @@ def test_every_card_reports_less_than_it_is_sold_as_and_has_consistent_peaks():
         assert (card.tf32 is not None) == (card.capability >= (8, 0)), card.label
 
 
+def pretend_gpu(monkeypatch, name: str, total_memory: int, capability: tuple[int, int]) -> None:
+    """torch sees one CUDA device with these properties (the device itself is not used)."""
+    props = SimpleNamespace(name=name, total_memory=total_memory, major=capability[0], minor=capability[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+
+
 @pytest.mark.parametrize(
     "capability, dtype_support, expected",
     [
@@ -91,18 +99,12 @@ def test_auto_precision_needs_compute_capability_8(monkeypatch, capability, dtyp
         device_name=lambda *a: "cuda", is_bf16_supported=lambda: dtype_support, is_fp16_supported=lambda: True
     )
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: accel)
-    props = SimpleNamespace(name="GPU", total_memory=16 * 2**30, major=capability[0], minor=capability[1])
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    pretend_gpu(monkeypatch, "GPU", 16 * 2**30, capability)
     assert resolve_precision("auto", {}, *device_precisions()) == expected
 
 
 def test_plan_without_gpu_flag_takes_this_machines_gpu_before_choosing_precision(monkeypatch, capsys):
-    props = SimpleNamespace(name="Tesla V100-SXM2-16GB", total_memory=16_160 * MiB, major=7, minor=0)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    pretend_gpu(monkeypatch, "Tesla V100-SXM2-16GB", 16_160 * MiB, (7, 0))
     code = main(["plan", "--config", "llm_ds/configs/gpt2-124m.yaml", "--num_gpus", "1", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert code in (0, 1)
