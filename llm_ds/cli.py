@@ -51,7 +51,7 @@ def config_command_parser(subparsers) -> None:
         "config",
         help="validate and print the resolved run config and DeepSpeed config",
         description="Check a run config and a DeepSpeed template together, as the driver will, and print both "
-        "resolved. Nothing is trained; torch is not imported.",
+        "resolved; every DeepSpeed key is checked by DeepSpeed's own parser. Nothing is trained.",
     )
     parser.add_argument("--config", help="run config YAML (default: the bundled tiny.yaml)")
     parser.add_argument("--ds_config", help="DeepSpeed JSON template (default: ds_configs/zero1.json)")
