@@ -13,12 +13,14 @@ DS_CONFIG ?= ds_configs/zero2.json
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps test test-unit lint format train smoke bench bench-memory bench-gpu bench-data bench-logging docker smoke-multinode clean
+.PHONY: install sysdeps test test-unit test-floors lint format train smoke bench bench-memory bench-gpu bench-data bench-logging docker smoke-multinode clean
 
 install: $(STAMP)
 
 # A torch that is already installed is kept (a CUDA machine's own build); otherwise $(TORCH),
-# the CPU build by default, goes in before anything can pull a CUDA build as a dependency.
+# the CPU build by default, goes in before anything can pull a CUDA build as a dependency. The package
+# then goes in beside that very torch, so a torch outside setup.cfg's range stops the install (pip names
+# both) instead of being swapped for another build.
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
@@ -28,7 +30,7 @@ $(STAMP): setup.cfg pyproject.toml
 		echo "installing $(TORCH)$(if $(TORCH_INDEX), from $(TORCH_INDEX))"; \
 		$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"; \
 	fi
-	@$(PY) -m pip install -q -e ".[dev]"
+	@$(PY) -m pip install -q -e ".[dev]" "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
 	@$(MAKE) --no-print-directory sysdeps
 	@touch $@
 
@@ -53,6 +55,24 @@ test: install sysdeps
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
+
+# The suite against the floor of every range in setup.cfg, in $(FLOORS_VENV): what proves the floors.
+# PYTEST_ARGS narrows it (e.g. PYTEST_ARGS=tests/unit); torch's floor comes from TORCH_INDEX, as in install.
+FLOORS_VENV ?= .venv-floors
+PYTEST_ARGS ?=
+test-floors: install sysdeps
+	@test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)
+	@$(PY) -c "from importlib.metadata import requires; from packaging.requirements import Requirement; \
+		reqs = [r for r in map(Requirement, requires('llm-ds')) if r.name != 'llm-ds']; \
+		print('\n'.join(sorted({f'{r.name}==' + min(s.version for s in r.specifier if s.operator == '>=') for r in reqs})))" \
+		> $(FLOORS_VENV)/floors.txt
+	@echo "floors: $$(tr '\n' ' ' < $(FLOORS_VENV)/floors.txt)"
+	@$(FLOORS_VENV)/bin/python -m pip install -q --upgrade pip
+	@$(FLOORS_VENV)/bin/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
+		"$$(grep '^torch==' $(FLOORS_VENV)/floors.txt)"
+	@$(FLOORS_VENV)/bin/python -m pip install -q -c $(FLOORS_VENV)/floors.txt -e ".[dev]"
+	$(FLOORS_VENV)/bin/python -m pip list --format freeze > $(FLOORS_VENV)/installed.txt
+	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,16 @@ DEFAULT_CONFIG = CONFIGS_DIR / "tiny.yaml"
 BUNDLED_CORPUS = PACKAGE_DIR / "assets" / "corpus" / "python-docs.jsonl"
 BUNDLED_TOKENIZER = PACKAGE_DIR / "assets" / "tokenizer"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def missing_extra(module: str, extra: str) -> str | None:
+    """``None`` where ``module`` can be imported here; else the pip command that installs the extra holding
+    it. Looks for the module without importing it."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ValueError:  # None in sys.modules: its import is blocked
+        found = False
+    return None if found else f"pip install 'llm-ds[{extra}]'"
 
 
 def shipped_path(path: str | Path, folder: Path, prefix: str) -> Path:
@@ -113,6 +124,7 @@ class SourceConfig:
     path: str | None = None  # a file, directory or glob
     hub: str | None = None  # a dataset name for datasets.load_dataset, e.g. wikipedia, or a local dataset folder
     config: str | None = None  # the hub dataset's config, e.g. 20220301.en
+    revision: str | None = None  # the hub dataset's branch, tag or commit; default its main branch
     split: str = "train"
     text_field: str | None = None  # default: data.text_field
     format: str | None = None  # txt, json, jsonl, parquet, csv; default from each file's suffix
@@ -132,6 +144,11 @@ class SourceConfig:
             f"must be one of {SOURCE_FORMATS}",
         )
         _check(self.weight > 0, f"{key}.weight", self.weight, "must be > 0")
+        if self.hub:
+            install = missing_extra("datasets", "hub")
+            _check(
+                install is None, f"{key}.hub", self.hub, f"needs the datasets package, not installed here: {install}"
+            )
 
     def describe(self) -> str:
         if self.hub:
@@ -264,6 +281,11 @@ class LoggingConfig:
 
     def validate(self) -> None:
         _check(self.log_interval > 0, "logging.log_interval", self.log_interval, "must be > 0")
+        if self.wandb:
+            install = missing_extra("wandb", "wandb")
+            _check(
+                install is None, "logging.wandb", self.wandb, f"needs the wandb package, not installed here: {install}"
+            )
 
 
 @dataclass

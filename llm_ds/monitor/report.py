@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llm_ds.config import missing_extra
+
 
 class ReportError(ValueError):
     """A run directory that cannot be plotted."""
@@ -19,6 +21,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Plot a run's curves into ``out`` (default ``RUN_DIR/report.png``); returns the PNG's path."""
+    install = missing_extra("matplotlib", "report")
+    if install:
+        raise ReportError(f"llm-ds report draws with matplotlib, not installed here: {install}")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -125,3 +125,21 @@ def test_every_long_flag_of_every_command_takes_both_spellings():
     assert plan.num_gpus == 2 and plan.gpu_mem_gb == 40.0
     launch = parser.parse_args(["launch", "--dry_run", "--master-port", "3", "--ds-config", "x.json"])
     assert launch.dry_run and launch.master_port == 3 and launch.ds_config == "x.json"
+
+
+def test_an_optional_package_that_is_missing_is_named_with_its_extra(tmp_path, capsys, monkeypatch):
+    """wandb, datasets and matplotlib are extras: asking for one that is absent stops at the config check
+    (before any rank starts) with one line naming the key and the pip command."""
+    for module in ("wandb", "datasets", "matplotlib"):
+        monkeypatch.setitem(__import__("sys").modules, module, None)  # the import machinery's "not here"
+    assert main(["config", "--set", "logging.wandb=true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "`logging.wandb` needs the wandb package" in err[0] and "llm-ds[wandb]" in err[0]
+    assert main(["config", "--set", "data.sources=[{hub: wikitext, config: wikitext-2-raw-v1}]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "`data.sources[0].hub` needs the datasets package" in err[0] and "llm-ds[hub]" in err[0]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 9.0}) + "\n")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "matplotlib" in err[0] and "llm-ds[report]" in err[0]
+    assert main(["config"]) == 0  # none of them is needed otherwise

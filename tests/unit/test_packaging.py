@@ -32,3 +32,54 @@ def test_make_install_takes_torch_from_the_index_asked_for():
     assert "--index-url https://example.invalid/whl/cu128" in recipe("TORCH_INDEX=https://example.invalid/whl/cu128")
     assert "--index-url" not in recipe()  # pip's own index unless asked
     assert '"torch==2.13.0"' in recipe() and '"torch==2.5.1"' in recipe("TORCH=torch==2.5.1")
+
+
+def declared_requirements():
+    from packaging.requirements import Requirement
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    lines = cfg["options"]["install_requires"].splitlines()
+    for extra in cfg["options.extras_require"].values():
+        lines += extra.splitlines()
+    return [Requirement(line) for line in lines if line.strip() and not line.strip().startswith("llm-ds[")]
+
+
+# Reached into beyond their public API: a new minor release may break us, so it must be proven first.
+INTERNALS = {"torch", "deepspeed", "transformers"}
+
+
+def test_every_dependency_has_a_floor_and_a_ceiling_just_above_what_the_suite_runs_with():
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    requirements = declared_requirements()
+    names = {r.name for r in requirements}
+    assert {"torch", "deepspeed", "transformers", "pyarrow", "datasets", "wandb", "matplotlib"} <= names
+    for req in requirements:
+        ops = {s.operator: Version(s.version) for s in req.specifier}
+        assert set(ops) == {">=", "<"}, f"{req}: a floor (>=) and a ceiling (<), nothing else"
+        running = Version(version(req.name))
+        assert running in req.specifier, f"the suite runs {req.name} {running}, outside {req}"
+        if req.name in INTERNALS:
+            limit = Version(f"{running.major}.{running.minor + 1}")
+        else:
+            limit = Version(f"{running.major + 1}") if running.major else Version(f"0.{running.minor + 1}")
+        assert ops["<"] <= limit, f"{req}: the ceiling lies beyond what the suite has proven ({running})"
+
+
+def test_the_makefile_and_the_dockerfile_take_versions_from_setup_cfg_alone():
+    """Their one pin is torch's (the wheel index is theirs to choose), inside setup.cfg's range; every other
+    package comes from installing llm-ds itself, beside that torch."""
+    import re
+
+    torch_req = next(r for r in declared_requirements() if r.name == "torch")
+    makefile = (ROOT / "Makefile").read_text()
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^TORCH \?= torch==(\S+)$", makefile, re.M).group(1) in torch_req.specifier
+    assert re.search(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, re.M).group(1) in torch_req.specifier
+    for name, text in (("Makefile", makefile), ("Dockerfile", dockerfile)):
+        pins = re.findall(r"\b([A-Za-z][\w.-]*)\s*(?:==|>=|<=|~=)\s*[\w$.{}]", text)
+        assert set(pins) <= {"torch"}, f"{name} pins {pins}: versions belong in setup.cfg"
+    assert 'pip install --no-build-isolation -e ".[hub,wandb]" "torch==${TORCH_VERSION}"' in dockerfile
