@@ -1,6 +1,8 @@
-"""Data pipeline benchmark: tokenize+pack throughput, padding waste, and the cache.
+"""Data pipeline benchmark: tokenize+pack throughput, padding waste, the cache, and the cache build's peak
+memory against the corpus size.
 
     make bench-data        # writes bench/results/data.json and prints a table
+    BENCH_CORPUS_MB=16,64 make bench-data   # other corpus sizes for the memory figures
 
 Figures are medians of alternated repeats in one run; compare ratios, not absolute times.
 """
@@ -11,6 +13,8 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +30,7 @@ from llm_ds.model import build_tokenizer
 
 OUT = Path(__file__).resolve().parent / "results" / "data.json"
 REPEATS = int(os.environ.get("BENCH_REPEATS", 3))
+CORPUS_MB = sorted(int(mb) for mb in os.environ.get("BENCH_CORPUS_MB", "16,48,128").split(","))
 
 
 def tokenize_throughput(tokenizer) -> dict:
@@ -84,6 +89,49 @@ def cache_reuse(tokenizer) -> dict:
     }
 
 
+def prepare_peak_rss(corpus: Path, cache_dir: Path) -> dict:
+    """``llm-ds prepare`` of one JSON-lines corpus in a process of its own: its peak RSS and wall time."""
+    cmd = [sys.executable, "-c", "from llm_ds.cli import main; raise SystemExit(main())", "prepare",
+           "--set", f"data.paths=[{corpus}]", "--set", f"data.cache_dir={cache_dir}"]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out = proc.stdout.read().decode()
+    proc.stdout.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"llm-ds prepare failed:\n{out}")
+    cache_bytes = sum(f.stat().st_size for f in cache_dir.rglob("*.bin"))
+    return {
+        "corpus_bytes": corpus.stat().st_size,
+        "cache_bytes": cache_bytes,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,  # KiB on Linux
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def peak_rss_against_corpus() -> dict:
+    """The cache build's peak memory as the corpus grows (the bundled documents repeated, numbered): the
+    tokens go to the cache files as they are made, so it should stay flat; holding them would add the
+    cache's size and more."""
+    docs = list(iter_documents([BUNDLED_CORPUS]))
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="llm-ds-bench-") as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        with open(corpus, "w") as f:
+            i = 0
+            for mb in CORPUS_MB:
+                while f.tell() < mb * 1e6:
+                    f.write(json.dumps({"text": f"[{i}] {docs[i % len(docs)]}"}) + "\n")
+                    i += 1
+                f.flush()
+                runs.append(prepare_peak_rss(corpus, Path(tmp) / f"cache-{mb}"))
+    return {
+        "runs": runs,
+        "rss_growth_bytes": runs[-1]["peak_rss_bytes"] - runs[0]["peak_rss_bytes"],
+        "cache_growth_bytes": runs[-1]["cache_bytes"] - runs[0]["cache_bytes"],
+    }
+
+
 def main() -> None:
     import tokenizers
     import torch
@@ -102,6 +150,7 @@ def main() -> None:
         "tokenize_pack": tokenize_throughput(tokenizer),
         "padding": padding_waste(tokenizer),
         "cache": cache_reuse(tokenizer),
+        "build_memory": peak_rss_against_corpus(),
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
@@ -117,6 +166,12 @@ def main() -> None:
     print(f"{'cache: first build s':<52}{c['first_build_s']['median']:>14.2f}")
     print(f"{'cache: second (cached) load s':<52}{c['cached_load_s']['median']:>14.4f}")
     print(f"{'cache: size MB (corpus MB)':<52}{c['cache_bytes'] / 1e6:>8.2f} ({c['corpus_bytes'] / 1e6:.2f})")
+    m = result["build_memory"]
+    for run in m["runs"]:
+        label = f"prepare peak RSS MB, corpus {run['corpus_bytes'] / 1e6:.0f} MB (cache {run['cache_bytes'] / 1e6:.0f})"
+        print(f"{label:<52}{run['peak_rss_bytes'] / 1e6:>14.0f}")
+    growth = f"{m['rss_growth_bytes'] / 1e6:.0f} / {m['cache_growth_bytes'] / 1e6:.0f}"
+    print(f"{'  RSS growth MB / cache growth MB':<52}{growth:>14}")
     print(f"wrote {OUT}")
 
 

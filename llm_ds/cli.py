@@ -106,7 +106,7 @@ def prepare_command(args: argparse.Namespace) -> int:
     import time
 
     from llm_ds.data import cache
-    from llm_ds.data.pipeline import cache_key, cache_root, describe, load_or_build_arrays
+    from llm_ds.data.pipeline import cache_key, cache_root, describe, load_or_build_arrays, pin_hub_commits
     from llm_ds.model import build_tokenizer
 
     cfg = load_run_config(args.config, args.overrides)
@@ -114,11 +114,12 @@ def prepare_command(args: argparse.Namespace) -> int:
         print("data.streaming is true: documents are tokenized while training; there is nothing to prepare")
         return 0
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    key = cache_key(cfg.data, tokenizer, cfg.train.seed)
-    hit = (cache_root(cfg.data) / key / cache.DONE_MARK).exists()
+    data = pin_hub_commits(cfg.data)
+    key = cache_key(data, tokenizer, cfg.train.seed)
+    hit = (cache_root(data) / key / cache.DONE_MARK).exists()
     start = time.perf_counter()
-    _, info = load_or_build_arrays(cfg.data, tokenizer, cfg.train.seed, is_builder=True)
-    size_mb = cache.cache_size_bytes(cache_root(cfg.data), key) / 1e6
+    _, info = load_or_build_arrays(data, tokenizer, cfg.train.seed, is_builder=True)
+    size_mb = cache.cache_size_bytes(cache_root(data), key) / 1e6
     print(f"{'cached already' if hit else 'built'} in {time.perf_counter() - start:.1f} s: {describe(info)}")
     print(f"cache: {info['cache_dir']} ({size_mb:.1f} MB)")
     return 0

@@ -8,7 +8,9 @@ have given next.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,11 +21,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from llm_ds.config import DataConfig
 from llm_ds.data.packing import iter_token_ids, n_blocks, real_token_fraction
-from llm_ds.data.pipeline import describe, iter_split, load_or_build_arrays
+from llm_ds.data.pipeline import describe, iter_split, load_or_build_arrays, pin_hub_commits
 from llm_ds.data.preprocess import Preprocessor
 from llm_ds.data.sources import DataError, ReadStats
 
 logger = logging.getLogger("llm_ds")
+HUB_COMMITS_KEY = "llm_ds/hub_commits"
 IGNORE_INDEX = -100  # Hugging Face's label for "not scored"
 
 
@@ -222,6 +225,7 @@ def build_loaders(
     common = {"collate_fn": collate, "pin_memory": pin_memory, "num_workers": cfg.num_workers}
     if cfg.num_workers:
         common["persistent_workers"] = False
+    cfg = _agreed_hub_commits(cfg, rank)
     if cfg.streaming:
         return _build_streaming(cfg, tokenizer, micro_batch_size, rank, world_size, seed, eval_max_batches, common)
     arrays, info = load_or_build_arrays(cfg, tokenizer, seed, is_builder=local_rank == 0)
@@ -249,6 +253,27 @@ def build_loaders(
         **common,
     )
     return Loaders(TrainLoader(train_loader, micro_batch_size), eval_loader, len(train), info)
+
+
+def _agreed_hub_commits(cfg: DataConfig, rank: int) -> DataConfig:
+    """``pin_hub_commits`` on rank 0, its answer handed to every rank through the process group's store, so
+    that all ranks key and load one commit even if the hub moves on meanwhile."""
+    if not any(s.hub for s in (*cfg.sources, *cfg.val_sources)):
+        return cfg
+    if not torch.distributed.is_initialized():
+        return pin_hub_commits(cfg)
+    store = torch.distributed.distributed_c10d._get_default_store()
+    if rank == 0:
+        pinned = pin_hub_commits(cfg)
+        revisions = [[s.revision for s in pinned.sources], [s.revision for s in pinned.val_sources]]
+        store.set(HUB_COMMITS_KEY, json.dumps(revisions))
+        return pinned
+    train, val = json.loads(store.get(HUB_COMMITS_KEY))
+    return dataclasses.replace(
+        cfg,
+        sources=[dataclasses.replace(s, revision=r) for s, r in zip(cfg.sources, train, strict=True)],
+        val_sources=[dataclasses.replace(s, revision=r) for s, r in zip(cfg.val_sources, val, strict=True)],
+    )
 
 
 def _check_sizes(cfg: DataConfig, info: dict, n_train: int, n_val: int, world_size: int, micro: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -57,9 +58,15 @@ def iter_token_ids(docs: Iterable[str], tokenizer, num_proc: int = 1) -> Iterato
             yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
         return
     ctx = multiprocessing.get_context("fork")
+    # At most two batches per worker in flight, in order: Pool.imap would read the whole corpus ahead.
     with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer,)) as pool:
-        for ids in pool.imap(_encode, batches, chunksize=1):
-            yield from ids
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode, (batch,)))
+            if len(pending) >= 2 * num_proc:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
 
 
 def tokenize_to_stream(docs: Iterable[str], tokenizer, eos_id: int, dtype: np.dtype, num_proc: int = 1) -> np.ndarray:

@@ -8,7 +8,9 @@ is in both splits and streaming and in-memory runs split alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from llm_ds.config import DataConfig
 from llm_ds.data import cache
 from llm_ds.data.packing import is_validation, iter_token_ids, token_dtype
 from llm_ds.data.preprocess import Preprocessor
-from llm_ds.data.sources import DataError, ReadStats, iter_source, mix_sources, source_files
+from llm_ds.data.sources import DataError, ReadStats, hub_commit, iter_source, mix_sources, source_files
 
 logger = logging.getLogger("llm_ds")
 SPLITS = ("train", "val")
@@ -54,6 +56,28 @@ def local_files(cfg: DataConfig) -> list[Path]:
     return files
 
 
+def pin_hub_commits(cfg: DataConfig) -> DataConfig:
+    """``cfg`` with every hub dataset name's revision replaced by the commit it stands for now, so that the
+    cache key and the load both name that one commit: a new commit on the hub makes a new cache."""
+
+    def pinned(sources):
+        out = []
+        for source in sources:
+            commit = hub_commit(source)
+            if source.hub and commit is None and not Path(source.hub).is_dir():
+                logger.warning(
+                    "data source %s: its commit is unknown (hub unreachable, nothing in the local hub cache); "
+                    "the token cache cannot tell a newer revision from this one",
+                    source.describe(),
+                )
+            out.append(dataclasses.replace(source, revision=commit) if commit else source)
+        return out
+
+    if not any(s.hub for s in (*cfg.sources, *cfg.val_sources)):
+        return cfg
+    return dataclasses.replace(cfg, sources=pinned(cfg.sources), val_sources=pinned(cfg.val_sources))
+
+
 def cache_key(cfg: DataConfig, tokenizer, seed: int) -> str:
     spec = {
         "sources": [dataclasses.asdict(s) for s in cfg.train_sources()],
@@ -85,14 +109,20 @@ def iter_routed(cfg: DataConfig, seed: int, stats: ReadStats, pre: Preprocessor)
         yield ("val" if is_validation(i, seed, cfg.val_fraction) else "train"), doc
 
 
-def build_arrays(cfg: DataConfig, tokenizer, seed: int) -> cache.Built:
-    """Read, clean, split and tokenize everything: packed streams, or padded rows and their lengths."""
+def write_arrays(cfg: DataConfig, tokenizer, seed: int, writer: cache.CacheWriter) -> dict:
+    """Read, clean, split and tokenize everything into ``writer`` as it goes: per split, the packed stream
+    (``train``, ``val``), or in padding mode the rows end to end and their lengths (``train_lengths``...).
+    Returns the build's info (documents, tokens, what preprocessing changed)."""
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise DataError(f"tokenizer {cfg.tokenizer!r} has no EOS token to separate documents")
     dtype = token_dtype(len(tokenizer))
     stats, pre = ReadStats(), Preprocessor(cfg)
     labels: deque[str] = deque()  # the split of each document handed to the tokenizer, in order
+    for split in SPLITS:
+        writer.add(split, dtype)
+        if not cfg.packing:
+            writer.add(f"{split}_lengths", np.uint32)
 
     def docs() -> Iterator[str]:
         for split, doc in iter_routed(cfg, seed, stats, pre):
@@ -100,34 +130,42 @@ def build_arrays(cfg: DataConfig, tokenizer, seed: int) -> cache.Built:
             yield doc
 
     start = time.perf_counter()
-    rows: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    n_docs = dict.fromkeys(SPLITS, 0)
     for ids in iter_token_ids(docs(), tokenizer, cfg.num_proc):
         split = labels.popleft()
-        ids = [*ids, eos_id]
+        n_docs[split] += 1
+        ids.append(eos_id)
         if not cfg.packing:
             ids = ids[: cfg.block_size]
-        rows[split].append(np.asarray(ids, dtype=dtype))
+            if len(ids) < 2:  # a 1-token row predicts nothing
+                continue
+            writer.append(f"{split}_lengths", [len(ids)])
+        writer.append(split, ids)
     info: dict = {
         "read": dataclasses.asdict(stats),
         "preprocess": dataclasses.asdict(pre.stats),
         "seconds": time.perf_counter() - start,
     }
-    arrays: dict[str, np.ndarray] = {}
     for split in SPLITS:
-        kept = rows[split] if cfg.packing else [r for r in rows[split] if len(r) > 1]  # a 1-token row predicts nothing
-        arrays[split] = np.concatenate(kept) if kept else np.zeros(0, dtype=dtype)
-        if not cfg.packing:
-            arrays[f"{split}_lengths"] = np.asarray([len(r) for r in kept], dtype=np.uint32)
-        info[f"{split}_docs"], info[f"{split}_tokens"] = len(rows[split]), int(len(arrays[split]))
+        info[f"{split}_docs"], info[f"{split}_tokens"] = n_docs[split], writer.counts[split]
     if info["train_docs"] == 0:
         raise DataError(f"the data sources hold no usable training document ({describe(info)})")
-    return arrays, info
+    return info
+
+
+def build_arrays(cfg: DataConfig, tokenizer, seed: int) -> cache.Built:
+    """``write_arrays`` into memory, past any cache: for inspection, tests and benchmarks."""
+    with tempfile.TemporaryDirectory(prefix="llm-ds-build-") as tmp:
+        writer = cache.CacheWriter(Path(tmp))
+        info = write_arrays(cfg, tokenizer, seed, writer)
+        return cache.read_arrays(Path(tmp), writer.close(), mmap=False), info
 
 
 def load_or_build_arrays(cfg: DataConfig, tokenizer, seed: int, is_builder: bool) -> cache.Built:
     """The cached arrays for this config, built by ``is_builder`` on a miss while the others wait."""
     key = cache_key(cfg, tokenizer, seed)
-    arrays, info = cache.load_or_build(cache_root(cfg), key, lambda: build_arrays(cfg, tokenizer, seed), is_builder)
+    build = functools.partial(write_arrays, cfg, tokenizer, seed)
+    arrays, info = cache.load_or_build(cache_root(cfg), key, build, is_builder)
     info["cache_dir"] = str(cache_root(cfg) / key)
     return arrays, info
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -202,16 +201,17 @@ def _iter_parquet(path: Path, text_field: str, stats: ReadStats) -> Iterator[str
 
 
 def _iter_csv(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
-    reader = csv.DictReader(io.StringIO(stats.decode(path.read_bytes()), newline=""))
-    if reader.fieldnames is None or text_field not in reader.fieldnames:
-        raise DataError(
-            f"{path}:1: no column {text_field!r} in the header "
-            f"({', '.join(reader.fieldnames or [])}); set text_field on the source or data.text_field"
-        )
-    for row in reader:
-        if row[text_field] is None:
-            raise DataError(f"{path}:{reader.line_num}: the row has no {text_field!r} value")
-        yield row[text_field]
+    with open(path, "rb") as f:  # line by line: a newline byte is never inside a UTF-8 character
+        reader = csv.DictReader(stats.decode(raw) for raw in f)
+        if reader.fieldnames is None or text_field not in reader.fieldnames:
+            raise DataError(
+                f"{path}:1: no column {text_field!r} in the header "
+                f"({', '.join(reader.fieldnames or [])}); set text_field on the source or data.text_field"
+            )
+        for row in reader:
+            if row[text_field] is None:
+                raise DataError(f"{path}:{reader.line_num}: the row has no {text_field!r} value")
+            yield row[text_field]
 
 
 def _iter_hub(source: SourceConfig, text_field: str, stats: ReadStats, streaming: bool) -> Iterator[str]:
@@ -219,7 +219,9 @@ def _iter_hub(source: SourceConfig, text_field: str, stats: ReadStats, streaming
 
     name = source.describe()
     try:
-        ds = datasets.load_dataset(source.hub, source.config, split=source.split, streaming=streaming)
+        ds = datasets.load_dataset(
+            source.hub, source.config, split=source.split, revision=source.revision, streaming=streaming
+        )
     except Exception as exc:
         offline = any(os.environ.get(v) == "1" for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
         why = (
@@ -239,6 +241,28 @@ def _iter_hub(source: SourceConfig, text_field: str, stats: ReadStats, streaming
         if text.strip():
             stats.documents += 1
             yield text
+
+
+def hub_commit(source: SourceConfig) -> str | None:
+    """The commit a hub dataset name's revision stands for: asked of the hub, or, offline, the one the local
+    hub cache holds for it (where ``datasets`` would read it offline). None for a local dataset folder (keyed
+    by its files) and where neither knows."""
+    if not source.hub or Path(source.hub).is_dir():
+        return None
+    if source.revision and len(source.revision) == 40 and all(c in "0123456789abcdef" for c in source.revision):
+        return source.revision  # a commit already
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().dataset_info(source.hub, revision=source.revision).sha
+        except Exception:  # unreachable, unknown or private: the local cache may still know it
+            pass
+    try:
+        folder = snapshot_download(source.hub, repo_type="dataset", revision=source.revision, local_files_only=True)
+    except Exception:
+        return None
+    return Path(folder).name
 
 
 def batched(items: Iterable, n: int) -> Iterator[list]:

@@ -172,3 +172,94 @@ def test_editing_a_local_hub_dataset_folder_changes_the_cache_key(tmp_path, toke
     assert cache_key(cfg, tokenizer, 0) == key
     pq.write_table(pa.table({"text": ["one document, edited", "another"]}), folder / "train-00000-of-00001.parquet")
     assert cache_key(cfg, tokenizer, 0) != key  # stale tokens are not reused
+
+
+HUB_KEYS = """
+import sys
+from transformers import AutoTokenizer
+from llm_ds.config import BUNDLED_TOKENIZER, DataConfig, SourceConfig
+from llm_ds.data.pipeline import cache_key, pin_hub_commits
+tokenizer = AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER))
+for revision in sys.argv[1:]:
+    cfg = DataConfig(sources=[SourceConfig(hub="org/corpus", revision=None if revision == "-" else revision)])
+    pinned = pin_hub_commits(cfg)
+    print(pinned.sources[0].revision, cache_key(pinned, tokenizer, 0))
+"""
+
+
+def test_a_hub_dataset_name_is_keyed_on_the_commit_its_revision_stands_for(tmp_path):
+    """Offline, the commit comes from the local hub cache, read by huggingface_hub's own snapshot_download:
+    a new commit on the branch (a later download) is a new cache; an unknown name keeps its revision."""
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "datasets--org--corpus"
+    commits = ["a" * 40, "b" * 40]
+    for commit in commits:
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "train.jsonl").write_text('{"text": "x"}\n')
+    (repo / "refs").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+
+    def keys(*revisions):
+        proc = subprocess.run([sys.executable, "-c", HUB_KEYS, *revisions], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return [line.split() for line in proc.stdout.splitlines()]
+
+    (repo / "refs" / "main").write_text(commits[0])
+    (repo / "refs" / "v1").write_text(commits[0])
+    (main_a, key_a), (v1, key_v1), (pinned, key_pinned) = keys("-", "v1", commits[0])
+    assert main_a == v1 == pinned == commits[0] and key_a == key_v1 == key_pinned  # one commit, one cache
+    (repo / "refs" / "main").write_text(commits[1])  # the branch moved on
+    ((main_b, key_b),) = keys("-")
+    assert main_b == commits[1] and key_b != key_a
+    ((unknown, key_unknown),) = keys("v2")  # no such ref in the cache: left as asked, with a warning
+    assert unknown == "v2" and key_unknown not in (key_a, key_b)
+
+
+def test_the_cache_build_holds_a_bounded_share_of_the_corpus(tmp_path, tokenizer, monkeypatch):
+    """Tokens go to the cache files as they are made: four times the corpus, the same peak memory (the
+    arrays held the whole corpus twice over before, 3.0 MB -> 8.3 MB here)."""
+    import tracemalloc
+
+    monkeypatch.setattr(cache, "BUFFER_ITEMS", 4096)
+    peaks, tokens = [], []
+    for n in (1, 4):
+        path = tmp_path / f"corpus{n}.jsonl"
+        docs = (f"Document {i}: " + " ".join(f"w{(i * j) % 997}" for j in range(60)) for i in range(2500 * n))
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        cfg = DataConfig(paths=[str(path)], cache_dir=str(tmp_path / "cache"))
+        tracemalloc.start()
+        try:
+            arrays, info = load_or_build_arrays(cfg, tokenizer, 0, is_builder=True)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        tokens.append(info["train_tokens"])
+        assert isinstance(arrays["train"], np.memmap) and len(arrays["train"]) == info["train_tokens"]
+        assert np.array_equal(arrays["train"], build_arrays(cfg, tokenizer, 0)[0]["train"])
+    assert tokens[1] > 3.9 * tokens[0] and tokens[0] > 400_000
+    assert peaks[1] < 1.25 * peaks[0], peaks
+
+
+def test_parallel_tokenization_reads_only_a_few_batches_ahead(tokenizer):
+    """With worker processes, documents are read as the tokens are taken (Pool.imap read them all first)."""
+    import time
+
+    from llm_ds.data.packing import TOKENIZE_BATCH_DOCS, iter_token_ids
+
+    read = 0
+
+    def docs():
+        nonlocal read
+        for i in range(100 * TOKENIZE_BATCH_DOCS):
+            read += 1
+            yield f"document {i}"
+
+    ids = iter_token_ids(docs(), tokenizer, num_proc=2)
+    first = next(ids)
+    time.sleep(0.5)  # room for a reader thread to run ahead, if there is one
+    assert first == tokenizer("document 0", add_special_tokens=False)["input_ids"]
+    assert read <= 5 * TOKENIZE_BATCH_DOCS, read
+    assert sum(1 for _ in ids) == 100 * TOKENIZE_BATCH_DOCS - 1
