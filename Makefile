@@ -13,7 +13,7 @@ DS_CONFIG ?= ds_configs/zero2.json
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps test test-unit test-floors lint format train smoke bench bench-memory bench-gpu bench-data bench-logging docker smoke-multinode clean
+.PHONY: install sysdeps test test-unit test-floors lint format train smoke bench bench-memory bench-gpu bench-data bench-logging docker docker-smoke smoke-multinode clean
 
 install: $(STAMP)
 
@@ -72,11 +72,12 @@ test-floors: install sysdeps
 		"$$(grep '^torch==' $(FLOORS_VENV)/floors.txt)"
 	@$(FLOORS_VENV)/bin/python -m pip install -q -c $(FLOORS_VENV)/floors.txt -e ".[dev]"
 	$(FLOORS_VENV)/bin/python -m pip list --format freeze > $(FLOORS_VENV)/installed.txt
-	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	LLM_DS_FLOORS=1 $(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint docker/Dockerfile
 
 format: install
 	$(VENV)/bin/ruff format .
@@ -126,9 +127,16 @@ bench-data: install
 bench-logging: install
 	$(PY) bench/bench_logging.py
 
-# The image for cloud GPU nodes (needs a Docker engine).
+# The image for cloud GPU nodes (needs a Docker engine): CUDA base, CUDA torch, DeepSpeed's ops built for CUDA
+# and checked. DOCKER_ARGS passes more, e.g. --build-arg TORCH_CUDA_ARCH_LIST=8.6.
+DOCKER_ARGS ?=
 docker:
-	docker build -f docker/Dockerfile -t llm-ds:latest .
+	docker build -f docker/Dockerfile -t llm-ds:latest $(DOCKER_ARGS) .
+
+# The same Dockerfile built here (Debian base, CPU torch, ops for the CPU accelerator) and run as
+# containers: help, a worker without a key, a two-node job across containers, docker stop saves.
+docker-smoke: install
+	PY=$(PY) bash docker/smoke.sh
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -40,6 +40,7 @@ def launch_command_parser(subparsers) -> None:
     parser.add_argument("--master_addr")
     parser.add_argument("--master_port", type=int)
     parser.add_argument("--node_rank", type=int, help="with --launcher no-ssh: this node's rank")
+    parser.add_argument("--ssh_port", type=int, help="the port the workers' sshd listens on (pdsh; the image: 2222)")
     parser.add_argument(
         "--env",
         dest="env_names",
@@ -97,6 +98,7 @@ def validate(args: argparse.Namespace) -> CheckedJob:
         master_addr=args.master_addr,
         master_port=args.master_port,
         node_rank=args.node_rank,
+        ssh_port=getattr(args, "ssh_port", None),
         train_args=train_args,
         env_names=args.env_names,
     )

@@ -30,6 +30,7 @@ class LaunchSpec:
     master_addr: str | None = None
     master_port: int | None = None
     node_rank: int | None = None  # no-ssh: this node's rank, given per node
+    ssh_port: int | None = None  # the workers' sshd port (pdsh); default ssh's own
     train_args: list[str] = field(default_factory=list)  # --config, --ds_config, --set ... for the driver
     env_names: list[str] = field(default_factory=list)  # extra variables to propagate
 
@@ -123,6 +124,8 @@ def build_command(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
         argv += ["--launcher", spec.launcher]
     if spec.launcher == "no-ssh":
         argv += ["--no_ssh", "--node_rank", str(spec.node_rank or 0)]
+    if spec.ssh_port is not None and spec.launcher == "pdsh":
+        argv += ["--ssh_port", str(spec.ssh_port)]
     if spec.master_addr:
         argv += ["--master_addr", spec.master_addr]
     if spec.master_port:

@@ -63,3 +63,29 @@ def test_other_commands_and_help():
     assert entrypoint("help").stdout.startswith("usage: entrypoint.sh worker | head")
     proc = entrypoint("llm-ds", "config", "--world_size", "8")
     assert proc.returncode == 0 and '"train_batch_size": 64' in proc.stdout
+
+
+def test_the_image_installs_what_setup_cfg_requires():
+    """The image's dependency layer comes from setup.cfg alone (before the code is copied)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "docker" / "requirements.py"), str(ROOT / "setup.cfg"), "hub",
+                           "wandb"], capture_output=True, text=True, check=True)  # fmt: skip
+    listed = {Requirement(line).name: str(Requirement(line).specifier) for line in proc.stdout.splitlines()}
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    extras = cfg["options.extras_require"]
+    lines = cfg["options"]["install_requires"].splitlines() + extras["hub"].splitlines() + extras["wandb"].splitlines()
+    expected = {Requirement(r).name: str(Requirement(r).specifier) for r in lines if r.strip()}
+    assert listed == expected and "torch" in listed and "datasets" in listed and "matplotlib" not in listed
+
+
+def test_the_op_check_names_what_the_shipped_configs_need_and_the_accelerator():
+    """Read from DeepSpeed's own install record: nothing is prebuilt in this environment, for the CPU."""
+    check = [sys.executable, str(ROOT / "docker" / "check_ops.py")]
+    proc = subprocess.run([*check, "cpu", str(ROOT / "ds_configs")], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "op async_io (used by zero3_offload.json) is not prebuilt" in proc.stderr
+    assert "op cpu_adam (used by zero2_offload.json, zero3_offload.json) is not prebuilt" in proc.stderr
+    assert "op fused_adam (used by zero1.json, zero2.json, zero3.json) is not prebuilt" in proc.stderr
+    assert "built for the" not in proc.stderr
+    proc = subprocess.run([*check, "cuda", str(ROOT / "ds_configs")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "built for the 'cpu' accelerator, not 'cuda'" in proc.stderr

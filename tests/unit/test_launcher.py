@@ -226,3 +226,17 @@ def test_doctor_probes_hosts_concurrently_and_reports_in_hostfile_order(monkeypa
     results = doctor.probe_hosts(hosts, tmp_path, tmp_path / "m", "t", None, workers=4)
     assert list(results) == [h.name for h in hosts] and all(results[h.name]["host"] == h.name for h in hosts)
     assert most[0] == 4  # bounded, and concurrent
+
+
+def test_the_ssh_port_reaches_the_runner_as_it_reads_it(tmp_path, capsys):
+    """`--ssh_port` (the image's workers listen on 2222) is passed on in the runner's own spelling and parsed
+    by DeepSpeed's runner into the port pdsh and its ssh check use."""
+    from deepspeed.launcher.runner import parse_args
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    argv = build_command(LaunchSpec(hosts=[Host("node-a", 1), Host("node-b", 1)], hostfile=hostfile, ssh_port=2222))
+    assert parse_args(argv[3:]).ssh_port == 2222
+    assert "--ssh_port" not in build_command(LaunchSpec(hosts=[Host("node-a", 1), Host("node-b", 1)]))
+    assert main(["launch", "--hostfile", str(hostfile), "--ssh-port", "2222", "--dry-run"]) == 0
+    assert "--ssh_port 2222" in capsys.readouterr().out
