@@ -33,6 +33,8 @@ cleanup() {
     kill "$dockerd_pid" 2>/dev/null
     for _ in $(seq 60); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.5; done
   fi
+  # What dockerd left mounted under its folders (network namespaces), deepest first.
+  awk -v w="$work" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount 2>/dev/null || true
   rm -rf "$work" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -68,7 +70,7 @@ base_image() {
   debootstrap --variant=minbase --include=ca-certificates bookworm "$root" http://deb.debian.org/debian \
     >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; exit 1; }
   cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/" 2>/dev/null || true
-  chroot "$root" update-ca-certificates >/dev/null
+  chroot "$root" update-ca-certificates >/dev/null 2>&1
   tar -C "$root" -c . | docker import - "$BASE_IMAGE" >/dev/null
   rm -rf "$root"
 }
