@@ -7,6 +7,8 @@
 #     unmodified `deepspeed --hostfile` path, 1 CPU rank each, ZeRO-2): the loss falls, summary.json lands
 #     on a volume;
 #   - `docker stop` on the head while it trains: a checkpoint at the stopped step, status 0.
+# The docker run lines are the README's, on a network of their own instead of the host's, without --gpus,
+# and with --shm-size 1g.
 # Everything it made is removed at the end, also when a step fails. Without a Docker engine it starts
 # one (as root, with apt: docker.io, data under a temporary folder) and stops it at the end; where it
 # cannot, it says why and skips.
@@ -111,7 +113,7 @@ start_nodes() {
   docker network create --label "$RUN_ID" "$RUN_ID" >/dev/null
   docker volume create --label "$RUN_ID" "$RUN_ID" >/dev/null
   run -d --name "$RUN_ID-worker-1" --hostname worker-1 --network "$RUN_ID" --network-alias worker-1 \
-    --shm-size 1g -v "$work/id_ed25519.pub:/run/secrets/authorized_keys:ro" -v "$RUN_ID:/runs" \
+    --shm-size 1g --stop-timeout 120 -v "$work/id_ed25519.pub:/run/secrets/authorized_keys:ro" -v "$RUN_ID:/runs" \
     "$IMAGE" worker >/dev/null
 }
 
@@ -122,7 +124,7 @@ run_head() {  # run_head NAME [docker run options] -- [launch arguments]
   local name="$1"; shift
   local opts=()
   while [ "$1" != "--" ]; do opts+=("$1"); shift; done; shift
-  run --name "$RUN_ID-$name" --hostname head --network "$RUN_ID" --network-alias head --shm-size 1g \
+  run --name "$RUN_ID-$name" --hostname head --network "$RUN_ID" --network-alias head --shm-size 1g --stop-timeout 120 \
     -v "$work/id_ed25519.pub:/run/secrets/authorized_keys:ro" -v "$work/id_ed25519:/run/secrets/ssh_key:ro" \
     -v "$work/hostfile:/run/hostfile:ro" -v "$RUN_ID:/runs" "${opts[@]}" "$IMAGE" head "${head_args[@]}" "$@"
 }
@@ -154,7 +156,7 @@ check_docker_stop() {
     sleep 1
   done
   sleep 3
-  docker stop -t 120 "$RUN_ID-stop" >/dev/null
+  docker stop "$RUN_ID-stop" >/dev/null  # waits the container's --stop-timeout
   local status
   status="$(docker inspect -f '{{.State.ExitCode}}' "$RUN_ID-stop")"
   docker logs "$RUN_ID-stop" >"$work/stop.log" 2>&1
