@@ -145,10 +145,7 @@ class SourceConfig:
         )
         _check(self.weight > 0, f"{key}.weight", self.weight, "must be > 0")
         if self.hub:
-            install = missing_extra("datasets", "hub")
-            _check(
-                install is None, f"{key}.hub", self.hub, f"needs the datasets package, not installed here: {install}"
-            )
+            _check_extra(f"{key}.hub", self.hub, "datasets", "hub")
 
     def describe(self) -> str:
         if self.hub:
@@ -282,10 +279,7 @@ class LoggingConfig:
     def validate(self) -> None:
         _check(self.log_interval > 0, "logging.log_interval", self.log_interval, "must be > 0")
         if self.wandb:
-            install = missing_extra("wandb", "wandb")
-            _check(
-                install is None, "logging.wandb", self.wandb, f"needs the wandb package, not installed here: {install}"
-            )
+            _check_extra("logging.wandb", self.wandb, "wandb", "wandb")
 
 
 @dataclass
@@ -352,6 +346,11 @@ _SECTION_TYPES = {name: typing.get_type_hints(RunConfig)[name] for name in SECTI
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise ConfigError(f"`{key}` {rule}, got {value!r}")
+
+
+def _check_extra(key: str, value: Any, module: str, extra: str) -> None:
+    install = missing_extra(module, extra)
+    _check(install is None, key, value, f"needs the {module} package, not installed here: {install}")
 
 
 def _closest(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:

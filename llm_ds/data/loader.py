@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from llm_ds.config import DataConfig
 from llm_ds.data.packing import iter_token_ids, n_blocks, real_token_fraction
-from llm_ds.data.pipeline import describe, iter_split, load_or_build_arrays, pin_hub_commits
+from llm_ds.data.pipeline import describe, has_hub_sources, iter_split, load_or_build_arrays, pin_hub_commits
 from llm_ds.data.preprocess import Preprocessor
 from llm_ds.data.sources import DataError, ReadStats
 
@@ -258,7 +258,7 @@ def build_loaders(
 def _agreed_hub_commits(cfg: DataConfig, rank: int) -> DataConfig:
     """``pin_hub_commits`` on rank 0, its answer handed to every rank through the process group's store, so
     that all ranks key and load one commit even if the hub moves on meanwhile."""
-    if not any(s.hub for s in (*cfg.sources, *cfg.val_sources)):
+    if not has_hub_sources(cfg):
         return cfg
     if not torch.distributed.is_initialized():
         return pin_hub_commits(cfg)

@@ -56,15 +56,23 @@ def local_files(cfg: DataConfig) -> list[Path]:
     return files
 
 
+def has_hub_sources(cfg: DataConfig) -> bool:
+    return any(s.hub for s in (*cfg.sources, *cfg.val_sources))
+
+
 def pin_hub_commits(cfg: DataConfig) -> DataConfig:
     """``cfg`` with every hub dataset name's revision replaced by the commit it stands for now, so that the
-    cache key and the load both name that one commit: a new commit on the hub makes a new cache."""
+    cache key and the load both name that one commit: a new commit on the hub makes a new cache. Local
+    files and local dataset folders stay as they are (their files key the cache)."""
 
     def pinned(sources):
         out = []
         for source in sources:
+            if not source.hub or Path(source.hub).is_dir():
+                out.append(source)
+                continue
             commit = hub_commit(source)
-            if source.hub and commit is None and not Path(source.hub).is_dir():
+            if commit is None:
                 logger.warning(
                     "data source %s: its commit is unknown (hub unreachable, nothing in the local hub cache); "
                     "the token cache cannot tell a newer revision from this one",
@@ -73,7 +81,7 @@ def pin_hub_commits(cfg: DataConfig) -> DataConfig:
             out.append(dataclasses.replace(source, revision=commit) if commit else source)
         return out
 
-    if not any(s.hub for s in (*cfg.sources, *cfg.val_sources)):
+    if not has_hub_sources(cfg):
         return cfg
     return dataclasses.replace(cfg, sources=pinned(cfg.sources), val_sources=pinned(cfg.val_sources))
 

@@ -245,10 +245,7 @@ def _iter_hub(source: SourceConfig, text_field: str, stats: ReadStats, streaming
 
 def hub_commit(source: SourceConfig) -> str | None:
     """The commit a hub dataset name's revision stands for: asked of the hub, or, offline, the one the local
-    hub cache holds for it (where ``datasets`` would read it offline). None for a local dataset folder (keyed
-    by its files) and where neither knows."""
-    if not source.hub or Path(source.hub).is_dir():
-        return None
+    hub cache holds for it (where ``datasets`` would read it offline); None where neither knows."""
     if source.revision and len(source.revision) == 40 and all(c in "0123456789abcdef" for c in source.revision):
         return source.revision  # a commit already
     from huggingface_hub import HfApi, constants, snapshot_download
