@@ -31,13 +31,12 @@ from pathlib import Path
 
 from common import machine_info
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from llm_ds import plan
+from llm_ds.config import BUNDLED_TOKENIZER
+from llm_ds.hardware import local_gpu, peak_tflops
+from llm_ds.monitor.metrics import mfu, training_flops_per_token
 
-from llm_ds import plan  # noqa: E402
-from llm_ds.config import BUNDLED_TOKENIZER  # noqa: E402
-from llm_ds.hardware import local_gpu, peak_tflops  # noqa: E402
-from llm_ds.monitor.metrics import mfu, training_flops_per_token  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def card_cluster() -> plan.Cluster | None:

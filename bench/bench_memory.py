@@ -26,11 +26,10 @@ from pathlib import Path
 
 from common import machine_info, spread
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from llm_ds import plan
+from llm_ds.config import load_run_config
 
-from llm_ds import plan  # noqa: E402
-from llm_ds.config import load_run_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT = ROOT / "bench" / "results" / "cpu.json"
 REPEATS = int(os.environ.get("BENCH_REPEATS", 3))

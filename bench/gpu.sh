@@ -35,8 +35,9 @@ if ! "$PY" -c "import deepspeed, datasets" 2>/dev/null; then
     exit 1
   fi
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
-  export PYTHONPATH="$PWD/.site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$PWD/.site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's llm_ds, installed or not
 # DeepSpeed imports einops, msgpack and cpuinfo at start-up: a missing one costs seconds here, not the run.
 "$PY" -c "import deepspeed, einops, msgpack, cpuinfo, torch, transformers; print(f'imports: deepspeed \
 {deepspeed.__version__}, torch {torch.__version__} (CUDA {torch.version.cuda}), transformers \

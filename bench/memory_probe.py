@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus 2 bench/memory_probe.py --ds_config DS.json [--set ...] --out DIR
 
-Builds the engine exactly as the driver does (llm_ds.runtime.build_run), trains a few steps and
+Builds the engine exactly as the driver does (llm_ds.Trainer), trains a few steps and
 writes DIR/rank<r>.json with:
 
 - model_state_bytes: the most bytes held by live tensors (parameters, gradients, optimizer states,
@@ -20,19 +20,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import torch  # noqa: E402
-from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
-
-from llm_ds.config import load_run_config  # noqa: E402
-from llm_ds.ds_config import load_ds_template  # noqa: E402
-from llm_ds.monitor.metrics import peak_rss_bytes, proc_status_bytes  # noqa: E402
-from llm_ds.runtime import _finish, build_run, dist_env, init_distributed, setup_logging  # noqa: E402
-from llm_ds.train import exit_process  # noqa: E402
+from llm_ds import Trainer, load_run_config
+from llm_ds.distributed import teardown
+from llm_ds.monitor.metrics import peak_rss_bytes, proc_status_bytes
+from llm_ds.train import exit_process
 
 
 def live_tensor_bytes() -> int:
@@ -57,14 +53,10 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int)  # passed by the deepspeed runner
     args = parser.parse_args()
     cfg = load_run_config(None, args.overrides)
-    template = load_ds_template(args.ds_config)
-    init_distributed()
-    rank, _, _ = dist_env()
-    setup_logging(rank)
-    run = build_run(cfg, template, args.ds_config)
+    trainer = Trainer(cfg, args.ds_config)
     file_pages_after_build = proc_status_bytes("RssFile")
-    engine = run.engine
-    batches = iter(run.train_loader)
+    engine, rank = trainer.engine, trainer.rank
+    batches = iter(trainer.train_loader)
     states = 0
     last_step = False
 
@@ -86,9 +78,9 @@ def main() -> None:
             engine.step()
     result = {
         "rank": rank,
-        "parameters": run.n_params,
+        "parameters": trainer.n_params,
         "model_state_bytes": states,
-        "peak_rss_growth_bytes": peak_rss_bytes() - run.rss_before_model,
+        "peak_rss_growth_bytes": peak_rss_bytes() - trainer.metrics.rss_before_model,
         # Library code first run in training (backward, optimizer, collectives) is mapped from files
         # into the resident set too; it is not memory the run allocated.
         "file_pages_growth_bytes": proc_status_bytes("RssFile") - file_pages_after_build,
@@ -97,7 +89,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(result) + "\n")
-    _finish()
+    teardown()
     exit_process(0)  # as the driver does: no interpreter teardown to abort a finished run
 
 

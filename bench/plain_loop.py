@@ -18,17 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from llm_ds.config import load_run_config  # noqa: E402
-from llm_ds.data.loader import build_loaders  # noqa: E402
-from llm_ds.model import build_model, build_tokenizer, param_groups, resolve_vocab_size  # noqa: E402
+from llm_ds.config import load_run_config
+from llm_ds.data.loader import build_loaders
+from llm_ds.model import build_model, build_tokenizer, param_groups, resolve_vocab_size
 
 
 def warmup_decay(step: int, warmup: int, total: int, min_lr: float, max_lr: float) -> float:

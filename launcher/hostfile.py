@@ -6,12 +6,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_ds.config import UserError
+
 # Host names as DNS names or IPv4/IPv6 addresses spell them: nothing a shell would interpret.
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._:-]*[A-Za-z0-9])?$")
 _LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S+)$")
 
 
-class HostfileError(ValueError):
+class HostfileError(UserError, ValueError):
     """A hostfile that cannot be used; the message names the file, line and value."""
 
 

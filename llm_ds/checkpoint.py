@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llm_ds.config import ConfigError, RunConfig, dump_run_config
+from llm_ds.config import ConfigError, RunConfig, UserError, dump_run_config
 from llm_ds.monitor.metrics import redact
 
 logger = logging.getLogger("llm_ds")
@@ -33,7 +33,7 @@ OURS = "llm_ds"
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the file and what to do."""
 
 
@@ -100,7 +100,10 @@ def _from_json(value):
 # ---- manifest and fingerprints -----------------------------------------------------------------
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """A hash of the tokenizer's vocabulary and rules (None without a tokenizer: the user's own data)."""
+    if tokenizer is None:
+        return None
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -174,8 +177,10 @@ def save(
             _write_json(ours / "manifest.json", manifest)
             _write_json(ours / "ds_config.json", redact(ds_config))
             (ours / "config.yaml").write_text(redact(dump_run_config(cfg)))
-            tokenizer.save_pretrained(str(ours / "tokenizer"))
-            engine.module.config.save_pretrained(str(ours / "hf_config"))  # the model's shape, for export
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(ours / "tokenizer"))
+            if hasattr(getattr(engine.module, "config", None), "save_pretrained"):
+                engine.module.config.save_pretrained(str(ours / "hf_config"))  # the model's shape, for export
     except (OSError, RuntimeError) as exc:  # a full disk surfaces as either, depending on the writer
         pointer = ckpt_dir / LATEST
         kept = pointer.read_text().strip() if pointer.is_file() else None

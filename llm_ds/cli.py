@@ -14,36 +14,81 @@ from typing import NoReturn
 
 from launcher.cli import launch_command_parser
 from launcher.doctor import doctor_command_parser
-from launcher.hostfile import HostfileError
-from llm_ds.config import ConfigError, dump_run_config, load_run_config
-from llm_ds.ds_config import find_auto, load_ds_template, resolve_ds_config, resolve_precision
+from llm_ds.config import UserError, dump_run_config, load_run_config
+from llm_ds.ds_config import DEFAULT_DS_CONFIG, check_job, ds_config_source, find_auto, load_ds_template
 from llm_ds.plan import plan_command_parser
 
 
-def train_command_parser(subparsers) -> None:
-    from llm_ds.train import train_parser
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--ds_config`` and ``--set``: a run, for every command that takes one."""
+    parser.add_argument("--config", help="run config YAML (default: the bundled tiny.yaml)")
+    parser.add_argument("--ds_config", help=f"DeepSpeed JSON template (default: ds_configs/{DEFAULT_DS_CONFIG.name})")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a run config value; repeatable",
+    )
 
+
+def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The driver's flags (``llm_ds/train.py``, ``llm-ds train``)."""
+    from llm_ds.flags import ArgumentParser
+
+    parser = parser or ArgumentParser(prog="llm_ds/train.py", description="Train with DeepSpeed.")
+    add_run_arguments(parser)
+    parser.add_argument(
+        "--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help="set by the deepspeed launcher"
+    )
+    # DeepSpeed's own --deepspeed / --deepspeed_config, for scripts written against them.
+    parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--deepspeed_config", help=argparse.SUPPRESS)
+    return parser
+
+
+def train_command_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train in this process (use `deepspeed ... llm_ds/train.py` for ranks)",
         description="Train with the run config and DeepSpeed config given.",
     )
     train_parser(parser)
-    parser.set_defaults(func=train_command)
+    parser.set_defaults(func=_train_and_exit)
 
 
-def train_command(args: argparse.Namespace) -> NoReturn:
+def train_command(args: argparse.Namespace) -> int:
+    """Check everything the user wrote before torch is imported, then train; the process group is this
+    process's own and is torn down at the end."""
+    import time
+
+    started_at = time.time()
+    ds_config = args.ds_config or args.deepspeed_config
+    cfg = load_run_config(args.config, args.overrides)
+    check_job(cfg, load_ds_template(ds_config), int(os.environ.get("WORLD_SIZE", 1)), ds_config_source(ds_config))
+
+    from llm_ds.distributed import teardown
+    from llm_ds.trainer import Trainer
+
+    Trainer(cfg, ds_config, handle_signals=True, started_at=started_at).fit()
+    teardown()
+    return 0
+
+
+def _train_and_exit(args: argparse.Namespace) -> NoReturn:
     from llm_ds.train import exit_process
-    from llm_ds.train import main as train_main
 
-    argv = []
-    if args.config:
-        argv += ["--config", args.config]
-    if args.ds_config or args.deepspeed_config:
-        argv += ["--ds_config", args.ds_config or args.deepspeed_config]
-    for override in args.overrides:
-        argv += ["--set", override]
-    exit_process(train_main(argv))
+    exit_process(run_user_command(train_command, args, "llm-ds"))
+
+
+def run_user_command(func, args: argparse.Namespace, prog: str) -> int:
+    """Run a command; a ``UserError`` (bad input, in any layer) becomes one line and exit status 2."""
+    try:
+        return func(args)
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def config_command_parser(subparsers) -> None:
@@ -53,9 +98,7 @@ def config_command_parser(subparsers) -> None:
         description="Check a run config and a DeepSpeed template together, as the driver will, and print both "
         "resolved; every DeepSpeed key is checked by DeepSpeed's own parser. Nothing is trained.",
     )
-    parser.add_argument("--config", help="run config YAML (default: the bundled tiny.yaml)")
-    parser.add_argument("--ds_config", help="DeepSpeed JSON template (default: ds_configs/zero1.json)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_run_arguments(parser)
     parser.add_argument(
         "--world_size",
         type=int,
@@ -73,12 +116,8 @@ def config_command_parser(subparsers) -> None:
 def config_command(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
     template = load_ds_template(args.ds_config)
-    precision = resolve_precision(cfg.train.precision, template, "cpu", False, False)
-    if args.precision and cfg.train.precision == "auto":
-        precision = args.precision
-    ds = resolve_ds_config(
-        template, cfg, args.world_size, precision, cfg.train.max_steps, args.ds_config or "zero1.json"
-    )
+    source = ds_config_source(args.ds_config)
+    ds, precision = check_job(cfg, template, args.world_size, source, args.precision, cfg.train.max_steps)
     print(f"# run config ({cfg.source}; output to {cfg.output_dir})")
     print(dump_run_config(cfg), end="")
     print(f"# DeepSpeed config for {args.world_size} rank(s), precision {precision}")
@@ -216,21 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from llm_ds.checkpoint import CheckpointError
-    from llm_ds.data.sources import DataError
-    from llm_ds.monitor.report import ReportError
-
-    try:
-        return args.func(args)
-    except (
-        ConfigError,
-        DataError,
-        CheckpointError,
-        ReportError,
-        HostfileError,
-    ) as exc:  # the user's input: one line, no trace
-        print(f"llm-ds: error: {exc}", file=sys.stderr)
-        return 2
+    return run_user_command(args.func, args, "llm-ds")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,12 @@ def shipped_path(path: str | Path, folder: Path, prefix: str) -> Path:
     return shipped if shipped.is_file() else path
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Input the user can fix (a config, data, a checkpoint, a hostfile): the message is one line that names
+    the file, key or value. Every command turns it into that line and exit status 2, with no traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A run or DeepSpeed config that cannot be used; the message is one line for the user."""
 
 
@@ -307,6 +312,26 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     source: str = field(default=str(DEFAULT_CONFIG), compare=False)  # the YAML it came from
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    @classmethod
+    def from_dict(cls, values: typing.Mapping[str, Any], overrides: typing.Sequence[str] = ()) -> RunConfig:
+        """A run config from ``{section: {key: value}}`` plus ``section.key=value`` overrides, checked as a
+        YAML file is: an unknown key, a wrong type or a bad value is a ``ConfigError`` naming the key.
+        Keys not given take their defaults (those of the bundled ``tiny.yaml``)."""
+        return _build_run_config(values, overrides, "run config dict", str(DEFAULT_CONFIG))
+
+    def check(self) -> None:
+        """Every field's type (ints are taken for floats), then every rule; raises ``ConfigError`` naming the
+        key. Runs when the config is made; run it again after changing fields in place."""
+        for name in SECTIONS:
+            section = getattr(self, name)
+            if not isinstance(section, _SECTION_TYPES[name]):
+                raise ConfigError(f"`{name}` must be a {_SECTION_TYPES[name].__name__}, got {section!r}")
+            _check_fields(section, name)
+        self.validate()
+
     def validate(self) -> None:
         for section in SECTIONS:
             getattr(self, section).validate()
@@ -362,6 +387,13 @@ def _closest(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
     return f"; valid keys: {', '.join(prefix + c for c in sorted(choices))}"
 
 
+def _check_fields(obj: Any, key: str) -> None:
+    """Check a dataclass's fields against their type hints in place (a section built in code)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, _coerce(getattr(obj, f.name), hints[f.name], f"{key}.{f.name}"))
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against a dataclass field's type hint; ints are accepted for floats."""
     origin = typing.get_origin(hint)
@@ -386,6 +418,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             pass
     if hint is str and isinstance(value, Path):
         return str(value)
+    if dataclasses.is_dataclass(hint) and isinstance(value, hint):
+        _check_fields(value, key)
+        return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(
@@ -450,10 +485,17 @@ def load_run_config(path: str | Path | None = None, overrides: typing.Sequence[s
         raise ConfigError(f"run config {path}:{line} is not valid YAML") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"run config {path}: top level must be a mapping of sections")
+    return _build_run_config(raw, overrides, str(path), str(path))
+
+
+def _build_run_config(raw: typing.Mapping[str, Any], overrides: typing.Sequence[str], where: str, source: str):
+    """``raw`` (sections of keys) with ``overrides`` applied, checked; errors start with ``where``."""
+    if not isinstance(raw, typing.Mapping):
+        raise ConfigError(f"{where}: top level must be a mapping of sections, got {raw!r}")
     for section in raw:
         if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section `{section}`{_closest(section, SECTIONS)}")
-    sections = {name: _build_section(name, raw.get(name) or {}, str(path)) for name in SECTIONS}
+            raise ConfigError(f"{where}: unknown section `{section}`{_closest(str(section), SECTIONS)}")
+    sections = {name: _build_section(name, raw.get(name) or {}, where) for name in SECTIONS}
     for text in overrides:
         keys, value = parse_override(text)
         dotted = ".".join(keys)
@@ -468,12 +510,10 @@ def load_run_config(path: str | Path | None = None, overrides: typing.Sequence[s
         except ConfigError as exc:
             raise ConfigError(f"--set {exc}") from None
         sections[keys[0]] = dataclasses.replace(sections[keys[0]], **{keys[1]: value})
-    cfg = RunConfig(**sections, source=str(path))
     try:
-        cfg.validate()
+        return RunConfig(**sections, source=source)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return cfg
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def dump_run_config(cfg: RunConfig) -> str:

@@ -34,8 +34,20 @@ RESOLVED_PRECISIONS = ("fp32", "bf16", "fp16")
 WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")  # refuse warmup_num_steps < 1
 
 
-def load_ds_template(path: str | Path | None) -> dict[str, Any]:
-    """Read a DeepSpeed JSON template; a missing or malformed file is a ConfigError naming it."""
+def ds_config_source(ds_config: str | Path | dict | None) -> str:
+    """How errors name a DeepSpeed template: its path, the default's file name, or "dict"."""
+    if isinstance(ds_config, dict):
+        return "dict"
+    return str(ds_config) if ds_config else DEFAULT_DS_CONFIG.name
+
+
+def load_ds_template(path: str | Path | dict | None) -> dict[str, Any]:
+    """Read a DeepSpeed JSON template (``None``: the default, ZeRO-1); a missing or malformed file is a
+    ConfigError naming it. A dict is taken as the template itself, copied and checked the same way."""
+    if isinstance(path, dict):
+        config = copy.deepcopy(path)
+        check_top_level_keys(config, ds_config_source(path))
+        return config
     path = shipped_path(path, DS_CONFIGS_DIR, "ds_configs") if path else DEFAULT_DS_CONFIG
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config {path}: no such file")
@@ -317,6 +329,26 @@ def find_auto(ds: Any, prefix: str = "") -> list[str]:
     if isinstance(ds, dict):
         return [p for k, v in ds.items() for p in find_auto(v, f"{prefix}{k}.")]
     return [prefix.rstrip(".")] if ds == AUTO else []
+
+
+def check_job(
+    cfg: RunConfig,
+    template: dict[str, Any],
+    world_size: int,
+    source: str,
+    precision: str | None = None,
+    total_steps: int | None = None,
+) -> tuple[dict[str, Any], str]:
+    """Everything about a job that can be checked before any rank starts, on any machine: the DeepSpeed
+    config resolved against the run config for ``world_size`` ranks, and the precision it assumed.
+
+    The hardware is not known here: ``train.precision: auto`` is taken as ``precision`` where given (what
+    the target hardware will pick), else as a CPU would resolve it. Raises ``ConfigError``.
+    """
+    assumed = resolve_precision(cfg.train.precision, template, "cpu", False, False)
+    if precision and cfg.train.precision == AUTO:
+        assumed = precision
+    return resolve_ds_config(template, cfg, world_size, assumed, total_steps, source), assumed
 
 
 def resolve_precision(requested: str, template: dict[str, Any], device: str, has_bf16: bool, has_fp16: bool) -> str:

@@ -117,3 +117,27 @@ def local_gpu() -> tuple[str, int, tuple[int, int]] | None:
         return None
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return props.name, int(props.total_memory), (props.major, props.minor)
+
+
+def device_precisions() -> tuple[str, bool, bool]:
+    """The accelerator's name, and whether it has native bf16 and fp16: what ``precision: auto`` picks from.
+
+    On CUDA, bf16 needs compute capability 8.0 (Ampere) or newer: DeepSpeed's ``is_bf16_supported``
+    also says yes on V100 and T4, whose bf16 is emulated and slower than fp16.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    device, has_bf16 = accel.device_name(), accel.is_bf16_supported()
+    if device == "cuda":
+        gpu = local_gpu()
+        has_bf16 = has_bf16 and gpu is not None and has_native_bf16(gpu[2])
+    return device, has_bf16, accel.is_fp16_supported()
+
+
+def set_matmul_precision(device: str, tf32: bool) -> None:
+    """On a GPU, let fp32 matmuls use TF32 tensor cores (``train.tf32``), or keep them full fp32."""
+    import torch
+
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")

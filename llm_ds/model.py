@@ -176,3 +176,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # ZeRO-3 partitions are 1-D
             (decay if ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def describe_model(model: torch.nn.Module) -> str:
+    """Its parameter count and shape, for the console: GPT-2's layers, width, heads and vocabulary where the
+    model has a transformers config, else its class."""
+    n = f"{count_parameters(model):,}"
+    mc = getattr(model, "config", None)
+    layers = getattr(mc, "n_layer", None) or getattr(mc, "num_hidden_layers", None)
+    width = getattr(mc, "n_embd", None) or getattr(mc, "hidden_size", None)
+    heads = getattr(mc, "n_head", None) or getattr(mc, "num_attention_heads", None)
+    if not (layers and width and heads):
+        return f"{n} ({type(model).__name__})"
+    return f"{n} ({layers} layers, {width} wide, {heads} heads, vocab {mc.vocab_size})"

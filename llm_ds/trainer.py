@@ -1,4 +1,5 @@
-"""The training loop around a DeepSpeed engine: steps, periodic logging, evaluation, checkpoints.
+"""``Trainer``: one training run around a DeepSpeed engine, built from a run config or from the user's
+model and datasets; ``fit`` trains, evaluates and saves on schedule and returns the summary.
 
 Host syncs (``.item()``, ``.tolist()``, collectives) happen only at log, eval and save points:
 between them the loss is accumulated on the device.
@@ -8,24 +9,50 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import deepspeed.comm as dist
-import psutil
+import numpy as np
 import torch
-from deepspeed.accelerator import get_accelerator
 
-from llm_ds.config import RunConfig
-from llm_ds.monitor import Monitor
-from llm_ds.monitor.metrics import StragglerWatch, mfu, peak_rss_bytes, straggler
+from llm_ds.config import ConfigError, RunConfig, dump_run_config
+from llm_ds.data.loader import IGNORE_INDEX
+from llm_ds.ds_config import (
+    check_job,
+    ds_config_source,
+    load_ds_template,
+    resolve_ds_config,
+    resolve_precision,
+    zero_stage,
+)
+from llm_ds.summary import RunSummary, log_summary, perplexity, write_summary
 
 logger = logging.getLogger("llm_ds")
-STRAGGLER_LAG = 0.2  # a rank this much slower than the median, three log points running, is named
+
+
+class TrainerCallback:
+    """Hooks into ``Trainer.fit``; override the ones you need (each is a no-op here).
+
+    Called on every rank, in this order after each optimizer step: ``on_step_end``, then ``on_log`` at a
+    log point, ``on_log`` and ``on_evaluate`` at an evaluation, ``on_save`` after a checkpoint. A callback
+    that raises stops the run with that error, after a checkpoint is saved where possible.
+    """
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        """After optimizer step ``step`` (1-based)."""
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """``record`` is the dict written as one ``metrics.jsonl`` line (training or evaluation)."""
+
+    def on_evaluate(self, trainer: Trainer, eval_loss: float) -> None:
+        """After an evaluation: the token-weighted mean loss over the validation data, all ranks together."""
+
+    def on_save(self, trainer: Trainer, checkpoint_dir: Path) -> None:
+        """After a complete checkpoint was written to ``checkpoint_dir``."""
 
 
 @dataclass
@@ -35,91 +62,290 @@ class TrainState:
     step: int = 0  # optimizer steps done
     tokens_seen: int = 0  # positions trained on, all ranks
     real_tokens_seen: int = 0  # of which real tokens (not padding), all ranks
+    first_train_loss: float | None = None  # step 1's loss, kept across resumes
 
 
-def forward_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch; the model shifts ``labels`` by one itself."""
-    return model(**batch).loss
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def compute_total_steps(cfg: RunConfig, n_train_samples: int | None, world_size: int) -> int:
+    """``train.max_steps``, or ``train.epochs`` worth of optimizer steps over the train split."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    if n_train_samples is None:
+        raise ConfigError("data.streaming has no known length: set train.max_steps instead of train.epochs")
+    per_rank_batches = (n_train_samples // world_size) // cfg.train.micro_batch_size
+    steps_per_epoch = per_rank_batches // cfg.train.grad_accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"one epoch of {n_train_samples} samples is less than one global batch; "
+            f"lower train.micro_batch_size or train.grad_accum_steps"
+        )
+    return max(1, int(cfg.train.epochs * steps_per_epoch))
 
 
 class Trainer:
+    """One training run: data, model and DeepSpeed engine are built here, ``fit()`` trains.
+
+    Args:
+        cfg: the run config (``load_run_config``, ``RunConfig.from_dict`` or built in code; checked here).
+        ds_config: a DeepSpeed JSON template: a path, a dict, or None for ``ds_configs/zero1.json``.
+        model: a module whose forward, given a batch (``input_ids``, ``labels``, maybe ``attention_mask``),
+            returns an output with ``.loss``; or a function of no arguments that builds one (called inside
+            ``deepspeed.zero.Init`` under ZeRO-3, so no rank holds the whole model). None: GPT-2 from
+            ``cfg.model``.
+        tokenizer: None builds ``cfg.data.tokenizer`` where it is needed (data or vocabulary from the config).
+        train_dataset, eval_dataset: map-style datasets of dicts with ``input_ids`` (and optionally ``labels``,
+            ``attention_mask``). None for ``train_dataset``: both built from ``cfg.data`` (an ``eval_dataset``
+            given replaces the validation split). With a ``train_dataset`` and no ``eval_dataset``, nothing is
+            evaluated.
+        callbacks: ``TrainerCallback`` instances.
+        handle_signals: SIGTERM and SIGINT mean "save at a step boundary and stop" during ``fit()``. The
+            driver sets it; in a notebook leave it off, so an interrupt stays an interrupt.
+        started_at: the ``time.time()`` the run's clock starts from (``wall_s``); default: now.
+    """
+
     def __init__(
         self,
         cfg: RunConfig,
-        engine,
-        train_loader,
-        eval_loader,
-        monitor: Monitor,
-        total_steps: int,
-        world_size: int,
-        n_params: int,
-        saver: Callable[[int, dict[str, Any]], Path] | None = None,
-        control=None,
-        first_loss: float | None = None,
-        flops_per_token: int | None = None,
-        peak_tflops: float | None = None,
-        rss_before_model: int = 0,
+        ds_config: str | Path | dict | None = None,
+        model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
+        tokenizer=None,
+        train_dataset=None,
+        eval_dataset=None,
+        callbacks: Sequence[TrainerCallback] = (),
+        handle_signals: bool = False,
+        started_at: float | None = None,
     ):
-        """``saver(step, state)`` writes a checkpoint; ``control`` (``llm_ds.control.Control``) turns
-        signals and the save trigger into saves and a clean stop; ``first_loss`` is step 1's loss of
-        a run being resumed; ``rss_before_model`` is this rank's host memory before the model was
-        built, the base of the per-rank memory figures in the summary."""
-        self.cfg, self.engine, self.monitor = cfg, engine, monitor
-        self.saver, self.control, self.first_loss = saver, control, first_loss
-        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
-        self._data_wait_s = 0.0  # this rank's time waiting for batches since the last log point
-        self._stragglers = StragglerWatch(STRAGGLER_LAG, points=3)
-        self.first_step_at: float | None = None  # wall-clock time the first step of this process finished
-        self.rss_before_model = rss_before_model
-        # Per rank, the most seen at any log point: [rss before model, peak rss, device max allocated].
-        self.rank_memory = [[0, 0, 0] for _ in range(world_size)]
-        self.train_loader, self.eval_loader = train_loader, eval_loader
-        self.total_steps, self.world_size, self.n_params = total_steps, world_size, n_params
-        self.state = TrainState()
-        self.device = engine.device
-        self.tokens_per_step = (
-            cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size * cfg.data.block_size
+        from llm_ds.distributed import dist_env, init_distributed
+        from llm_ds.monitor.logs import setup_logging
+
+        self.started_at = started_at if started_at is not None else time.time()
+        if not isinstance(cfg, RunConfig):
+            raise ConfigError(f"Trainer: cfg must be a RunConfig (load_run_config, RunConfig.from_dict), got {cfg!r}")
+        cfg.check()  # fields may have changed since it was made
+        self.cfg, self.callbacks, self.handle_signals = cfg, list(callbacks), handle_signals
+        self.ds_source = ds_config_source(ds_config)
+        template = load_ds_template(ds_config)
+        _, self.rank_local, world_size = dist_env()
+        check_job(cfg, template, world_size, self.ds_source)  # before any rank does data or model work
+
+        init_distributed()
+        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        setup_logging(self.rank)
+        seed_everything(cfg.train.seed)
+        self._build(template, model, tokenizer, train_dataset, eval_dataset)
+
+    # ---- assembly ------------------------------------------------------------------------------
+
+    def _build(self, template: dict, model, tokenizer, train_dataset, eval_dataset) -> None:
+        import deepspeed
+        import psutil
+        from deepspeed.accelerator import get_accelerator
+
+        from llm_ds.checkpoint import find_resume_point
+        from llm_ds.hardware import device_precisions, peak_tflops, set_matmul_precision
+        from llm_ds.model import build_tokenizer, count_parameters, param_groups
+        from llm_ds.monitor.metrics import redact, reset_peak_rss
+        from llm_ds.monitor.step import StepMetrics, model_flops_per_token
+
+        cfg, accel = self.cfg, get_accelerator()
+        needs_tokenizer = train_dataset is None or (model is None and cfg.model.vocab_size is None)
+        if tokenizer is None and needs_tokenizer:
+            tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = tokenizer
+        loaders = self._build_loaders(train_dataset, eval_dataset, pin_memory=accel.device_name() != "cpu")
+        self.train_loader, self.eval_loader = loaders.train, loaders.eval
+        self.total_steps = compute_total_steps(cfg, loaders.n_train_samples, self.world_size)
+
+        self.precision = resolve_precision(cfg.train.precision, template, *device_precisions())
+        set_matmul_precision(accel.device_name(), cfg.train.tf32)
+        self.ds_config = resolve_ds_config(
+            template, cfg, self.world_size, self.precision, self.total_steps, self.ds_source
         )
-        self._batches = iter(train_loader)
-        self._real_tokens = torch.zeros((), device=self.device, dtype=torch.float64)  # this rank, since the last log
+        if self.rank == 0:
+            out = cfg.output_dir
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(redact(dump_run_config(cfg)))
+            (out / "ds_config.json").write_text(redact(json.dumps(self.ds_config, indent=2)) + "\n")
+        n_train = f"{loaders.n_train_samples:,}" if loaders.n_train_samples is not None else "streamed"
+        n_eval = f"{len(self.eval_loader.dataset):,}" if self.eval_loader is not None else "no"
+        logger.info(
+            "data: %s train and %s validation samples of %d tokens; %d steps of %d sequences",
+            n_train,
+            n_eval,
+            cfg.data.block_size,
+            self.total_steps,
+            self.ds_config["train_batch_size"],
+        )
+
+        # What the model, optimizer and training add to host memory is measured from here.
+        rss_before_model = psutil.Process().memory_info().rss
+        reset_peak_rss()
+        module = self._build_model(model)
+        self.n_params = count_parameters(module)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module, model_parameters=param_groups(module, cfg.train.weight_decay), config=self.ds_config
+        )
+        if cfg.train.compile:
+            self.engine.compile()  # compiled lazily, on the first forward
+        self.resume_from = find_resume_point(cfg)
+        if self.resume_from is not None:
+            self._check_resume_point()
+
+        self.state = TrainState()
+        self.tokens_per_step = self.ds_config["train_batch_size"] * cfg.data.block_size
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        self.metrics = StepMetrics(
+            self.engine,
+            self.world_size,
+            cfg.data.block_size,
+            self.tokens_per_step,
+            model_flops_per_token(module, self.n_params, cfg.data.block_size),
+            peak_tflops(device, self.precision, cfg.logging.peak_tflops, tf32=cfg.train.tf32),
+            rss_before_model,
+        )
+        self.first_step_at: float | None = None  # wall-clock time the first step of this process finished
+        self.monitor, self.control, self._manifest = None, None, None
+        self._error: Exception | None = None  # the first callback error of this run
+
+    def _build_loaders(self, train_dataset, eval_dataset, pin_memory: bool):
+        from llm_ds.data.loader import build_dataset_loaders, build_loaders
+
+        cfg = self.cfg
+        micro, seed = cfg.train.micro_batch_size, cfg.train.seed
+        if train_dataset is not None:
+            return build_dataset_loaders(
+                train_dataset,
+                eval_dataset,
+                micro,
+                self.rank,
+                self.world_size,
+                seed,
+                cfg.data.num_workers,
+                pin_memory,
+            )
+        loaders = build_loaders(
+            cfg.data,
+            self.tokenizer,
+            micro,
+            self.rank,
+            self.world_size,
+            self.rank_local,
+            seed,
+            cfg.train.eval_max_batches,
+            pin_memory=pin_memory,
+        )
+        if eval_dataset is not None:
+            loaders.eval = build_dataset_loaders(
+                eval_dataset, eval_dataset, micro, self.rank, self.world_size, seed, cfg.data.num_workers, pin_memory
+            ).eval
+        return loaders
+
+    def _build_model(self, model) -> torch.nn.Module:
+        import deepspeed
+
+        from llm_ds.model import build_model, describe_model, resolve_vocab_size
+
+        cfg = self.cfg
+        if isinstance(model, torch.nn.Module):
+            if zero_stage(self.ds_config) == 3:
+                logger.info("ZeRO-3 with a model built before the Trainer: every rank held all of it once")
+        else:
+            # ZeRO-3 partitions the model as it is built, so no rank ever holds all of it.
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero_stage(self.ds_config) == 3):
+                if model is not None:
+                    model = model()
+                else:
+                    size = len(self.tokenizer) if self.tokenizer is not None else None
+                    eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+                    model = build_model(cfg.model, resolve_vocab_size(cfg.model, size), eos, seed=cfg.train.seed)
+            if not isinstance(model, torch.nn.Module):
+                raise ConfigError(f"Trainer: model() must return a torch.nn.Module, got {type(model).__name__}")
+        mc = getattr(model, "config", None)
+        n_positions = getattr(mc, "n_positions", None) or getattr(mc, "max_position_embeddings", None)
+        if n_positions is not None and cfg.data.block_size > n_positions:
+            raise ConfigError(
+                f"data.block_size={cfg.data.block_size} is longer than the model's {n_positions} positions"
+                f"{f' (model.init_from={cfg.model.init_from})' if cfg.model.init_from else ''}"
+            )
+        logger.info(
+            "Model parameters: %s; precision %s%s, ZeRO stage %d, %d rank(s) on %s",
+            describe_model(model),
+            self.precision,
+            " (TF32 matmuls; train.tf32=false for full fp32)" if self._uses_tf32() else "",
+            zero_stage(self.ds_config),
+            self.world_size,
+            "cpu" if not torch.cuda.is_available() else "cuda",
+        )
+        return model
+
+    def _uses_tf32(self) -> bool:
+        return self.precision == "fp32" and torch.cuda.is_available() and self.cfg.train.tf32
+
+    def _check_resume_point(self) -> None:
+        from llm_ds.checkpoint import check_compatible, list_checkpoints, step_of, verify
+
+        complete, _ = list_checkpoints(self.resume_from.parent)
+        earlier = [c for c in complete if step_of(c) < step_of(self.resume_from)]
+        verify(self.resume_from, earlier[-1] if earlier else None)
+        check_compatible(self.resume_from, self.cfg, self.world_size, self.tokenizer)
+
+    # ---- the step, the loss, evaluation ----------------------------------------------------------
+
+    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scalar loss of a micro-batch, for training and evaluation alike: override it to change the
+        loss. ``batch`` holds ``input_ids`` and ``labels`` (unshifted: the model shifts them by one itself,
+        ``-100`` where a position is not scored), and ``attention_mask`` where there is padding."""
+        return model(**batch).loss
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
         start = time.perf_counter()
         host_batch = next(self._batches)
-        self._data_wait_s += time.perf_counter() - start
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in host_batch.items()}
-        mask = batch.get("attention_mask")
-        self._real_tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
+        wait_s = time.perf_counter() - start
+        batch = {k: v.to(self.engine.device, non_blocking=True) for k, v in host_batch.items()}
+        self.metrics.count_batch(batch, wait_s)
         return batch
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss, on device."""
-        loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.train.grad_accum_steps):
-            loss = forward_loss(self.engine, self._next_batch())
+        loss_sum = torch.zeros((), device=self.engine.device)
+        accum = self.cfg.train.grad_accum_steps
+        for _ in range(accum):
+            loss = self.compute_loss(self.engine, self._next_batch())
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach().float()
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
-        return loss_sum / self.cfg.train.grad_accum_steps
+        return loss_sum / accum
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Token-weighted mean loss over the validation split, all ranks together."""
+        """Token-weighted mean loss over the validation data, all ranks together (the same on every rank)."""
+        import deepspeed.comm as dist
+
+        if self.eval_loader is None:
+            raise ConfigError("Trainer.evaluate: there is no evaluation data (pass eval_dataset=...)")
+        device = self.engine.device
         self.engine.eval()
-        sums = torch.zeros(2, device=self.device, dtype=torch.float64)
+        sums = torch.zeros(2, device=device, dtype=torch.float64)
         limit = self.cfg.train.eval_max_batches
         for i, batch in enumerate(self.eval_loader):
             if limit is not None and i >= limit:
                 break
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            n_targets = (batch["labels"][:, 1:] != -100).sum()
-            sums[0] += forward_loss(self.engine, batch).double() * n_targets
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            n_targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            sums[0] += self.compute_loss(self.engine, batch).double() * n_targets
             sums[1] += n_targets
         dist.all_reduce(sums)
         self.engine.train()
         return (sums[0] / sums[1]).item()
+
+    # ---- checkpoints -----------------------------------------------------------------------------
 
     def training_state(self) -> dict[str, Any]:
         """What a checkpoint must hold to continue exactly: counters and the data position."""
@@ -128,179 +354,205 @@ class Trainer:
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's ``training_state()``."""
         self.state = TrainState(**{k: state[k] for k in ("step", "tokens_seen", "real_tokens_seen")})
+        self.state.first_train_loss = state.get("first_train_loss")
         self.train_loader.load_state_dict(state["data"])
-        self._batches = iter(self.train_loader)
 
-    def save_checkpoint(self) -> Path | None:
-        if self.saver is None:
-            return None
-        path = self.saver(self.state.step, self.training_state())
+    def save_checkpoint(self) -> Path:
+        """Save a complete checkpoint of this step (a collective: every rank calls it)."""
+        from llm_ds import checkpoint
+
+        if self._manifest is None:
+            self._manifest = checkpoint.build_manifest(self.world_size, self.started_at, self.tokenizer)
+        state = {**self.training_state(), "wandb_run_id": self.monitor.wandb_run_id() if self.monitor else None}
+        path = checkpoint.save(
+            self.engine,
+            self.cfg,
+            self.state.step,
+            state,
+            self.rank,
+            self.rank_local,
+            self._manifest,
+            self.ds_config,
+            self.tokenizer,
+        )
         logger.info("saved checkpoint %s", path)
+        self._callback("on_save", path)
         return path
 
-    def _gather_ranks(self, values: list[torch.Tensor | float]) -> list[list[float]]:
-        """Every rank's values, on every rank: one all-gather, the only host sync of a log point."""
-        row = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in values])
-        rows = [torch.zeros_like(row) for _ in range(self.world_size)]
-        dist.all_gather(rows, row)
-        return [r.tolist() for r in rows]
+    # ---- callbacks -------------------------------------------------------------------------------
 
-    def _log_record(self, step: int, interval_steps: int, elapsed: float, interval_loss: torch.Tensor) -> dict:
-        """The metrics of one log point, from every rank's numbers (see README, Observability)."""
-        accel = get_accelerator()
-        rss = psutil.Process().memory_info().rss
-        rows = self._gather_ranks(
-            [
-                interval_loss / interval_steps,
-                self._real_tokens,
-                elapsed,
-                self._data_wait_s,
-                accel.max_memory_allocated(),
-                accel.max_memory_reserved(),
-                rss,
-                peak_rss_bytes(),
-                self.rss_before_model,
-            ]
+    def _callback(self, hook: str, *args) -> None:
+        """Run ``hook`` of every callback. The first error asks every rank to save and stop; ``fit`` raises
+        it once the run has stopped."""
+        for cb in self.callbacks:
+            try:
+                getattr(cb, hook)(self, *args)
+            except Exception as exc:
+                if self._error is None:
+                    self._error = exc
+                    logger.error("%s.%s raised %r: saving, then stopping", type(cb).__name__, hook, exc)
+                    if self.control is not None:
+                        self.control.request_stop(f"{type(exc).__name__} in {type(cb).__name__}.{hook}")
+
+    # ---- the run ---------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Resume from the latest checkpoint if there is one, train to the last step, evaluating and saving
+        on schedule; return the summary (rank 0 also writes it to ``summary.json``).
+
+        The process group stays up: another ``Trainer`` may follow in this process.
+        """
+        from llm_ds import checkpoint
+
+        self._error: Exception | None = None
+        resumed = checkpoint.load(self.engine, self.resume_from, self.rank) if self.resume_from else None
+        if resumed:
+            self.restore(resumed)
+            if self.state.step >= self.total_steps:
+                return self._finished_already()
+            logger.info("resuming from %s at step %d of %d", self.resume_from, self.state.step, self.total_steps)
+        self._open(resumed)
+        try:
+            summary = self._loop(resume_step=self.state.step)
+        finally:
+            self.control.close()
+            self.monitor.close()
+        if self.rank == 0:
+            from llm_ds.monitor.metrics import redact
+
+            write_summary(self.cfg.output_dir / "summary.json", redact(summary))
+            log_summary(summary, self.cfg.output_dir, self.cfg.checkpoint_dir)
+        from llm_ds.distributed import barrier
+
+        barrier()
+        if self._error is not None:
+            raise self._error
+        return summary
+
+    def _open(self, resumed: dict[str, Any] | None) -> None:
+        """The monitor (sinks on rank 0) and the control of this run."""
+        from llm_ds.control import Control
+        from llm_ds.monitor import build_monitor
+
+        cfg = self.cfg
+        texts = {"config/run": dump_run_config(cfg), "config/deepspeed": json.dumps(self.ds_config, indent=2)}
+        self.monitor = build_monitor(
+            cfg.logging,
+            cfg.output_dir,
+            cfg.run_name,
+            self.total_steps,
+            self.rank == 0,
+            texts,
+            hparams={**cfg.to_dict(), "deepspeed": self.ds_config},
+            resume_step=self.state.step,
+            wandb_run_id=resumed.get("wandb_run_id") if resumed else None,
         )
-        self._real_tokens.zero_()
-        self._data_wait_s = 0.0
-        losses, real, times, waits, alloc, reserved, rsses, peaks, befores = (
-            list(col) for col in zip(*rows, strict=True)
+        self.control = Control(self.rank, cfg.checkpoint.save_trigger, self.handle_signals)
+
+    def _finished_already(self) -> dict[str, Any]:
+        """A run resumed at its last step: nothing to train; its outputs, summary.json included, stay."""
+        logger.info(
+            "%s is already at step %d of %d: nothing to train (--set checkpoint.resume=never starts over)",
+            self.resume_from,
+            self.state.step,
+            self.total_steps,
         )
-        for mem, before, peak, allocated in zip(self.rank_memory, befores, peaks, alloc, strict=True):
-            mem[:] = [int(before), max(mem[1], int(peak)), max(mem[2], int(allocated))]
-        tokens = interval_steps * self.tokens_per_step
-        self.state.real_tokens_seen += int(sum(real))
-        tokens_per_s = tokens / max(times)  # the job moves at the pace of its slowest rank
-        record = {
-            "step": step,
-            "train/epoch": self.train_loader.epoch + 1,
-            # The global mean weighted by each rank's real tokens (equal weights when packed).
-            "train/loss": sum(loss * n for loss, n in zip(losses, real, strict=True)) / sum(real),
-            "train/rank_losses": losses,
-            "train/lr": float(self.engine.get_lr()[0]),
-            "train/tokens_seen": self.state.tokens_seen,
-            "perf/ms_per_step": 1000 * max(times) / interval_steps,
-            "perf/tokens_per_s": tokens_per_s,
-            "perf/samples_per_s": tokens_per_s / self.cfg.data.block_size,
-            "data/real_token_fraction": sum(real) / tokens,
-            "data/samples_consumed": self.train_loader.consumed,
-            "data/wait_fraction": max(w / t for w, t in zip(waits, times, strict=True) if t > 0),
-            "mem/max_allocated_bytes": max(alloc),
-            "mem/max_reserved_bytes": max(reserved),
-            "mem/host_rss_bytes": max(rsses),
-            "mem/host_peak_rss_bytes": max(peaks),
-        }
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            record["train/grad_norm"] = float(grad_norm)
-        if self.engine.fp16_enabled():
-            record["train/loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", 0.0))
-        if self.engine.fp16_enabled() or self.engine.bfloat16_enabled():
-            # Both skip a step whose gradients hold inf or nan (bf16: DeepSpeed's check_grad_overflow).
-            record["train/skipped_steps"] = int(self.engine.skipped_steps)
-        if self.flops_per_token:
-            per_device = tokens_per_s / self.world_size
-            record["perf/tflops_per_device"] = per_device * self.flops_per_token / 1e12
-            value = mfu(per_device, self.flops_per_token, self.peak_tflops)
-            if value is not None:
-                record["perf/mfu"] = value
-        if self.world_size > 1:
-            slowest, lag = straggler([1000 * t / interval_steps for t in times])
-            record["perf/slowest_rank"], record["perf/straggler_lag"] = slowest, lag
-            named = self._stragglers.update(slowest, lag)
-            if named is not None and self.engine.global_rank == 0:
-                logger.warning(
-                    "rank %d has been the slowest for 3 log points running, %.0f%% behind the median rank "
-                    "(perf/slowest_rank, perf/straggler_lag follow it)",
-                    named,
-                    100 * lag,
+        path = self.cfg.output_dir / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else {"steps": self.state.step}
+
+    def _loop(self, resume_step: int) -> dict[str, Any]:
+        cfg, state = self.cfg, self.state
+        log_every, eval_every, ckpt_every = cfg.logging.log_interval, cfg.train.eval_interval, cfg.checkpoint.interval
+        self.engine.train()
+        self._batches = iter(self.train_loader)
+        fit_start = time.perf_counter()
+        interval_loss = torch.zeros((), device=self.engine.device, dtype=torch.float64)
+        interval_steps, interval_start = 0, time.perf_counter()
+        train_time_s, timed_tokens = 0.0, 0
+        last_loss, eval_loss, stopped_by = None, None, None
+        while state.step < self.total_steps:
+            interval_loss += self.train_step()
+            interval_steps += 1
+            step = state.step
+            self._callback("on_step_end", step)
+            if step == 1 or step % log_every == 0 or step == self.total_steps:
+                from deepspeed.accelerator import get_accelerator
+
+                get_accelerator().synchronize()  # queued device work belongs to this interval's time
+                if self.first_step_at is None:
+                    self.first_step_at = time.time()
+                elapsed = time.perf_counter() - interval_start
+                record, real_tokens = self.metrics.log_point(
+                    step, interval_steps, elapsed, interval_loss, state.tokens_seen, self.train_loader
                 )
-        return record
+                state.real_tokens_seen += real_tokens
+                last_loss = record["train/loss"]
+                if state.first_train_loss is None:
+                    state.first_train_loss = last_loss
+                if step > 1:  # the first step carries one-off warm-up costs
+                    train_time_s += elapsed
+                    timed_tokens += interval_steps * self.tokens_per_step
+                self.monitor.log_train(record)
+                self._callback("on_log", record)
+                interval_loss.zero_()
+                interval_steps, interval_start = 0, time.perf_counter()
+            pause_start = time.perf_counter()
+            if self.eval_loader is not None and ((eval_every and step % eval_every == 0) or step == self.total_steps):
+                eval_loss = self.evaluate()
+                record = {"step": step, "eval/loss": eval_loss, "eval/perplexity": perplexity(eval_loss)}
+                self.monitor.log_eval(record)
+                self._callback("on_log", record)
+                self._callback("on_evaluate", eval_loss)
+            save_now, stop_now = self.control.poll(step)
+            last = step == self.total_steps
+            if (ckpt_every and step % ckpt_every == 0) or (last and cfg.checkpoint.save_final) or save_now:
+                self.save_checkpoint()
+            elif last and self._error is not None:
+                self.save_checkpoint()  # an error is pending: the run's last state is worth keeping
+            # Evaluation and checkpoint time does not count as step time.
+            interval_start += time.perf_counter() - pause_start
+            if stop_now:
+                stopped_by = self.control.reason or "another rank's request"
+                logger.info("stopped after step %d (%s), checkpoint saved", step, stopped_by)
+                break
+        if self._error is not None and stopped_by is None:
+            stopped_by = self.control.reason
+        tokens_per_s = timed_tokens / train_time_s if train_time_s > 0 else None
+        memory = self.metrics.rank_memory
+        return RunSummary(
+            steps=state.step,
+            world_size=self.world_size,
+            tokens_seen=state.tokens_seen,
+            first_train_loss=state.first_train_loss,
+            final_train_loss=last_loss,
+            final_eval_loss=eval_loss,
+            eval_perplexity=perplexity(eval_loss),
+            tokens_per_s=tokens_per_s,
+            train_time_s=train_time_s,
+            fit_wall_s=time.perf_counter() - fit_start,
+            parameters=self.n_params,
+            global_batch_size=self.ds_config["train_batch_size"],
+            block_size=cfg.data.block_size,
+            epochs=self._epochs(),
+            real_token_fraction=state.real_tokens_seen / max(1, state.tokens_seen),
+            stopped_by=stopped_by,
+            skipped_steps=int(self.engine.skipped_steps),
+            mfu=self.metrics.run_mfu(tokens_per_s),
+            peak_memory_bytes=max(m[2] for m in memory),
+            host_rss_before_model_bytes=[m[0] for m in memory],
+            host_peak_rss_bytes=[m[1] for m in memory],
+            device_max_allocated_bytes=[m[2] for m in memory],
+            precision=self.precision,
+            zero_stage=zero_stage(self.ds_config),
+            wall_s=time.time() - self.started_at,
+            seconds_to_first_step=self.first_step_at - self.started_at if self.first_step_at else None,
+            resumed_from=str(self.resume_from) if self.resume_from else None,
+            resumed_at_step=resume_step,
+        ).to_dict()
 
     def _epochs(self) -> float | None:
         per_epoch = self.train_loader.batches_per_epoch()
         if not per_epoch:
             return None
-        return self.train_loader.epoch + self.train_loader.consumed / (per_epoch * self.cfg.train.micro_batch_size)
-
-    def fit(self) -> dict[str, Any]:
-        """Train to ``total_steps``; evaluate and save on schedule and at the end; return the summary."""
-        cfg, t = self.cfg, self.cfg.train
-        log_every, ckpt_every = cfg.logging.log_interval, cfg.checkpoint.interval
-        self.engine.train()
-        fit_start = time.perf_counter()
-        interval_loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        interval_steps, interval_start = 0, time.perf_counter()
-        train_time_s, timed_tokens = 0.0, 0
-        first_loss, last_loss, eval_loss, stopped_by = self.first_loss, None, None, None
-        while self.state.step < self.total_steps:
-            interval_loss += self.train_step()
-            interval_steps += 1
-            step = self.state.step
-            if step == 1 or step % log_every == 0 or step == self.total_steps:
-                get_accelerator().synchronize()  # queued device work belongs to this interval's time
-                if self.first_step_at is None:
-                    self.first_step_at = time.time()
-                elapsed = time.perf_counter() - interval_start
-                record = self._log_record(step, interval_steps, elapsed, interval_loss)
-                last_loss = record["train/loss"]
-                first_loss = last_loss if first_loss is None else first_loss
-                if step > 1:  # the first step carries one-off warm-up costs
-                    train_time_s += elapsed
-                    timed_tokens += interval_steps * self.tokens_per_step
-                self.monitor.log_train(record)
-                interval_loss.zero_()
-                interval_steps, interval_start = 0, time.perf_counter()
-            pause_start = time.perf_counter()
-            if (t.eval_interval and step % t.eval_interval == 0) or step == self.total_steps:
-                eval_loss = self.evaluate()
-                self.monitor.log_eval(
-                    {"step": step, "eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50.0))}
-                )
-            save_now, stop_now = self.control.poll(step) if self.control else (False, False)
-            scheduled = (ckpt_every and step % ckpt_every == 0) or (
-                step == self.total_steps and cfg.checkpoint.save_final
-            )
-            if scheduled or save_now:
-                self.save_checkpoint()
-            # Evaluation and checkpoint time does not count as step time.
-            interval_start += time.perf_counter() - pause_start
-            if stop_now:
-                from llm_ds.control import stop_reason
-
-                stopped_by = stop_reason(self.control) or "another rank's signal"
-                logger.info("stopped after step %d (%s), checkpoint saved", step, stopped_by)
-                break
-        return {
-            "steps": self.state.step,
-            "world_size": self.world_size,
-            "tokens_seen": self.state.tokens_seen,
-            "first_train_loss": first_loss,
-            "final_train_loss": last_loss,
-            "final_eval_loss": eval_loss,
-            "eval_perplexity": math.exp(min(eval_loss, 50.0)) if eval_loss is not None else None,
-            "tokens_per_s": timed_tokens / train_time_s if train_time_s > 0 else None,
-            "train_time_s": train_time_s,
-            "fit_wall_s": time.perf_counter() - fit_start,
-            "parameters": self.n_params,
-            "global_batch_size": self.tokens_per_step // cfg.data.block_size,
-            "block_size": cfg.data.block_size,
-            "epochs": self._epochs(),
-            "real_token_fraction": self.state.real_tokens_seen / max(1, self.state.tokens_seen),
-            "stopped_by": stopped_by,
-            "skipped_steps": int(self.engine.skipped_steps),  # optimizer steps dropped for inf/nan gradients
-            "mfu": mfu(timed_tokens / train_time_s / self.world_size, self.flops_per_token, self.peak_tflops)
-            if train_time_s > 0 and self.flops_per_token
-            else None,
-            "peak_memory_bytes": max(m[2] for m in self.rank_memory),
-            # Per rank, in rank order: host memory before the model was built, the host's peak from
-            # then on (model, optimizer, activations, buffers), the device's most allocated.
-            "host_rss_before_model_bytes": [m[0] for m in self.rank_memory],
-            "host_peak_rss_bytes": [m[1] for m in self.rank_memory],
-            "device_max_allocated_bytes": [m[2] for m in self.rank_memory],
-        }
-
-
-def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+        loader = self.train_loader
+        return loader.epoch + loader.consumed / (per_epoch * self.cfg.train.micro_batch_size)

@@ -66,11 +66,18 @@ class PaddedDataset(Dataset):
         return real_token_fraction(self.lengths, self.max_length)
 
 
-def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack samples. Labels are the inputs (the model shifts them by one itself), pads not scored."""
-    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-    mask = batch.get("attention_mask")
-    batch["labels"] = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")  # what a sample may give the model; other fields stay out
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack samples (tensors, arrays or lists). Without ``labels``, the labels are the inputs (the model
+    shifts them by one itself), pads not scored."""
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in BATCH_KEYS if k in samples[0]}
+    if "labels" not in batch:
+        mask = batch.get("attention_mask")
+        batch["labels"] = (
+            batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
+        )
     return batch
 
 
@@ -205,7 +212,7 @@ class TrainLoader:
 @dataclass
 class Loaders:
     train: TrainLoader
-    eval: DataLoader
+    eval: DataLoader | None  # None: no evaluation data
     n_train_samples: int | None  # None when streaming
     info: dict
 
@@ -255,6 +262,65 @@ def build_loaders(
     return Loaders(TrainLoader(train_loader, micro_batch_size), eval_loader, len(train), info)
 
 
+def build_dataset_loaders(
+    train_dataset,
+    eval_dataset,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Loaders:
+    """Loaders over the user's datasets: any map-style dataset (a torch ``Dataset``, a ``datasets.Dataset``)
+    whose items are dicts with ``input_ids`` and optionally ``labels`` and ``attention_mask``.
+
+    The train loader samples as for the run config's data (``ShardedSampler``), so resuming is exact;
+    ``eval_dataset`` may be None (no evaluation).
+    """
+    common = {"collate_fn": collate, "pin_memory": pin_memory, "num_workers": num_workers}
+    _check_dataset(train_dataset, "train_dataset")
+    if len(train_dataset) < world_size * micro_batch_size:
+        raise DataError(
+            f"train_dataset has {len(train_dataset)} samples, fewer than one global batch "
+            f"({world_size} ranks x {micro_batch_size}); add data or lower train.micro_batch_size"
+        )
+    train = DataLoader(
+        train_dataset,
+        batch_size=micro_batch_size,
+        drop_last=True,
+        sampler=ShardedSampler(len(train_dataset), rank, world_size, seed),
+        **common,
+    )
+    evaluation = None
+    if eval_dataset is not None:
+        _check_dataset(eval_dataset, "eval_dataset")
+        evaluation = DataLoader(
+            eval_dataset,
+            batch_size=micro_batch_size,
+            sampler=ShardedSampler(len(eval_dataset), rank, world_size, seed=0, shuffle=False),
+            **common,
+        )
+    return Loaders(TrainLoader(train, micro_batch_size), evaluation, len(train_dataset), {"user_datasets": True})
+
+
+def _check_dataset(dataset, name: str) -> None:
+    """One line naming what is wrong with a user's dataset, before any batch is drawn."""
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise DataError(f"{name}: a map-style dataset (with __len__ and __getitem__) is needed, got {type(dataset)}")
+    if len(dataset) == 0:
+        raise DataError(f"{name} is empty")
+    sample = dataset[0]
+    if not isinstance(sample, dict) or "input_ids" not in sample:
+        got = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
+        raise DataError(
+            f"{name}[0] must be a dict with `input_ids` (and optionally `labels`, `attention_mask`), got {got}"
+        )
+
+
+_hub_agreements = itertools.count()  # one store key per agreement: a second run in this process waits anew
+
+
 def _agreed_hub_commits(cfg: DataConfig, rank: int) -> DataConfig:
     """``pin_hub_commits`` on rank 0, its answer handed to every rank through the process group's store, so
     that all ranks key and load one commit even if the hub moves on meanwhile."""
@@ -263,12 +329,13 @@ def _agreed_hub_commits(cfg: DataConfig, rank: int) -> DataConfig:
     if not torch.distributed.is_initialized():
         return pin_hub_commits(cfg)
     store = torch.distributed.distributed_c10d._get_default_store()
+    key = f"{HUB_COMMITS_KEY}/{next(_hub_agreements)}"
     if rank == 0:
         pinned = pin_hub_commits(cfg)
         revisions = [[s.revision for s in pinned.sources], [s.revision for s in pinned.val_sources]]
-        store.set(HUB_COMMITS_KEY, json.dumps(revisions))
+        store.set(key, json.dumps(revisions))
         return pinned
-    train, val = json.loads(store.get(HUB_COMMITS_KEY))
+    train, val = json.loads(store.get(key))
     return dataclasses.replace(
         cfg,
         sources=[dataclasses.replace(s, revision=r) for s, r in zip(cfg.sources, train, strict=True)],

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_ds.config import SourceConfig
+from llm_ds.config import SourceConfig, UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 SUFFIX_FORMATS = {
@@ -34,7 +34,7 @@ OFFLINE_HINT = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data that cannot be used; the message is one line naming the file and the fix."""
 
 

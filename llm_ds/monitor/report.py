@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llm_ds.config import missing_extra
+from llm_ds.config import UserError, missing_extra
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A run directory that cannot be plotted."""
 
 

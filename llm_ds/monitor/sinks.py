@@ -48,7 +48,6 @@ class JsonlSink(Sink):
         kept = []
         if resume_step and path.exists():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-        self.first_train_loss = next((json.loads(x)["train/loss"] for x in kept if '"train/loss"' in x), None)
         self.file = open(path, "w", encoding="utf-8")
         self.file.writelines(line + "\n" for line in kept)
         self.file.flush()
@@ -168,10 +167,6 @@ class Monitor:
 
     def wandb_run_id(self) -> str | None:
         return next((s.run.id for s in self.sinks if isinstance(s, WandbSink)), None)
-
-    def first_train_loss(self) -> float | None:
-        """Step 1's loss, from the history a resumed run kept (rank 0; None elsewhere or when fresh)."""
-        return next((s.first_train_loss for s in self.sinks if isinstance(s, JsonlSink)), None)
 
     def log_train(self, record: dict[str, Any]) -> None:
         logger.info(format_console_line(record, self.total_steps))

@@ -1,6 +1,16 @@
 import pytest
 
-from llm_ds.config import CONFIGS_DIR, ConfigError, load_run_config
+from llm_ds.config import (
+    CONFIGS_DIR,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    SourceConfig,
+    TrainConfig,
+    UserError,
+    load_run_config,
+)
 
 SHIPPED = sorted(CONFIGS_DIR.glob("*.yaml"))
 
@@ -99,3 +109,60 @@ def test_neither_steps_nor_epochs():
     with pytest.raises(ConfigError, match="set train.max_steps or train.epochs"):
         load_run_config(None, ["train.max_steps=null"])
     assert load_run_config(None, ["train.max_steps=null", "train.epochs=0.5"]).train.epochs == 0.5
+
+
+def test_from_dict_equals_the_yaml_and_applies_overrides():
+    import yaml
+
+    raw = yaml.safe_load((CONFIGS_DIR / "gpt2-124m.yaml").read_text())
+    assert RunConfig.from_dict(raw).to_dict() == load_run_config(CONFIGS_DIR / "gpt2-124m.yaml").to_dict()
+    cfg = RunConfig.from_dict({"train": {"max_steps": 50}}, overrides=["data.block_size=64", "train.lr=1"])
+    assert (cfg.train.max_steps, cfg.data.block_size, cfg.train.lr) == (50, 64, 1.0)
+
+
+@pytest.mark.parametrize(
+    "values, overrides, message",
+    [
+        (
+            {"train": {"max_step": 5}},
+            [],
+            "run config dict: unknown key `train.max_step`; did you mean `train.max_steps`?",
+        ),
+        ({"trian": {}}, [], "run config dict: unknown section `trian`; did you mean `train`?"),
+        ({"train": {"micro_batch_size": "8"}}, [], "`train.micro_batch_size` must be int, got str '8'"),
+        ({"train": {"lr": -1}}, [], "run config dict: `train.lr` must be > 0, got -1.0"),
+        ({"data": {"sources": [{"hub": "x", "path": "y"}]}}, [], "`data.sources[0]` needs exactly one of"),
+        ({}, ["train.warmup=3"], "--set train.warmup: unknown key `train.warmup`; did you mean"),
+        ([1, 2], [], "run config dict: top level must be a mapping of sections"),
+    ],
+)
+def test_from_dict_errors_are_config_errors_naming_the_key(values, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict(values, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_config_built_in_code_is_checked_when_made_and_again_on_check():
+    with pytest.raises(ConfigError, match=r"`train.micro_batch_size` must be int, got str '8'"):
+        RunConfig(train=TrainConfig(micro_batch_size="8"))
+    with pytest.raises(ConfigError, match=r"`model.n_embd` must be divisible by model.n_head"):
+        RunConfig(model=ModelConfig(n_embd=30, n_head=4))
+    with pytest.raises(ConfigError, match=r"`data.sources\[0\].weight` must be float"):
+        RunConfig(data=DataConfig(sources=[SourceConfig(path="x", weight="heavy")]))
+    cfg = RunConfig(train=TrainConfig(lr=1))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    cfg.train.max_steps = 0  # changed in place after it was made
+    with pytest.raises(ConfigError, match=r"`train.max_steps` must be > 0, got 0"):
+        cfg.check()
+
+
+def test_every_user_error_shares_one_base():
+    from launcher.hostfile import HostfileError
+    from llm_ds.checkpoint import CheckpointError
+    from llm_ds.data.sources import DataError
+    from llm_ds.monitor.report import ReportError
+    from llm_ds.plan import PlanError
+
+    for error in (ConfigError, HostfileError, CheckpointError, DataError, ReportError, PlanError):
+        assert issubclass(error, UserError), error

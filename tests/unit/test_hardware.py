@@ -10,7 +10,7 @@ import torch
 from llm_ds import hardware
 from llm_ds.cli import main
 from llm_ds.ds_config import resolve_precision
-from llm_ds.runtime import device_precisions
+from llm_ds.hardware import device_precisions
 
 MiB = 2**20
 
@@ -114,7 +114,7 @@ def test_plan_without_gpu_flag_takes_this_machines_gpu_before_choosing_precision
 
 
 def test_tf32_is_set_on_gpus_only_and_follows_the_config():
-    from llm_ds.runtime import set_matmul_precision
+    from llm_ds.hardware import set_matmul_precision
 
     before = torch.get_float32_matmul_precision()
     try:

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from llm_ds.config import ModelConfig, load_run_config
 from llm_ds.data.loader import collate_blocks
 from llm_ds.model import build_gpt2_config, build_model, count_parameters, param_groups, resolve_vocab_size
-from llm_ds.trainer import forward_loss
+from llm_ds.trainer import Trainer
 
 
 def tiny_model(seed=0, vocab=96):
@@ -17,7 +17,7 @@ def test_reported_loss_is_next_token_cross_entropy():
     model.eval()
     blocks = [torch.randint(0, vocab, (16,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     batch = collate_blocks(blocks)
-    loss = forward_loss(model, batch)
+    loss = Trainer.compute_loss(None, model, batch)  # the loss training and evaluation use by default
     logits = model(input_ids=batch["input_ids"]).logits
     # By hand: the prediction at position t is scored against token t + 1.
     by_hand = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), batch["input_ids"][:, 1:].reshape(-1))
