@@ -22,6 +22,7 @@ from launcher.command import (
     write_env_file,
 )
 from launcher.hostfile import HostfileError, parse_hostfile
+from llm_ds.flags import add_run_arguments
 
 if TYPE_CHECKING:
     from llm_ds.config import RunConfig
@@ -62,9 +63,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num_gpus", type=int, help="ranks per node: on this node without a hostfile, on every host with one"
     )
-    parser.add_argument("--config", help="run config YAML (default: the tiny recipe)")
-    parser.add_argument("--ds_config", help="DeepSpeed JSON template (default: ds_configs/zero1.json)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_run_arguments(parser)
 
 
 class CheckedJob(NamedTuple):
@@ -78,7 +77,7 @@ def validate(args: argparse.Namespace) -> CheckedJob:
     """Every check, in the order a user would fix them; returns the spec, the loaded run config and
     DeepSpeed template, and the number of ranks."""
     from llm_ds.config import ConfigError, load_run_config
-    from llm_ds.ds_config import load_ds_template, resolve_ds_config, resolve_precision, uses_nvme
+    from llm_ds.ds_config import check_job, ds_config_source, load_ds_template, uses_nvme
 
     hosts = parse_hostfile(args.hostfile) if args.hostfile else None
     if args.launcher == "no-ssh" and (args.node_rank is None or not args.master_addr):
@@ -107,10 +106,9 @@ def validate(args: argparse.Namespace) -> CheckedJob:
         raise HostfileError(f"--include/--exclude leave no rank to run (hostfile {args.hostfile})")
     cfg = load_run_config(args.config, args.overrides)
     template = load_ds_template(args.ds_config)
-    precision = resolve_precision(cfg.train.precision, template, "cpu", False, False)
-    ds = resolve_ds_config(template, cfg, ranks, precision, None, args.ds_config or "zero1.json")
+    ds, _ = check_job(cfg, template, ranks, ds_config_source(args.ds_config))
     if uses_nvme(ds):
-        nvme = Path(cfg.train.nvme_path) if cfg.train.nvme_path else cfg.output_dir / "nvme"
+        nvme = cfg.nvme_dir
         probe = next((p for p in (nvme, *nvme.parents) if p.exists()), None)
         if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK):
             raise ConfigError(f"train.nvme_path={nvme}: not writable here ({probe} is the nearest existing path)")

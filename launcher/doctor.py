@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 from launcher.hostfile import Host, parse_hostfile
+from llm_ds.flags import add_run_arguments
 
 SSH_TIMEOUT_S = 10
 MAX_CLOCK_SKEW_S = 2.0
@@ -159,9 +160,7 @@ def doctor_command_parser(subparsers) -> None:
     parser.add_argument("--hostfile", required=True)
     parser.add_argument("--ssh_port", type=int, help="the port sshd listens on, as for the runner")
     parser.add_argument("--master_port", type=int, default=29500)
-    parser.add_argument("--config", help="run config YAML (for the checkpoint folder and offload)")
-    parser.add_argument("--ds_config", help="DeepSpeed JSON template (NVMe offload needs libaio)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_run_arguments(parser)  # the checkpoint folder every host must share; NVMe offload needs libaio
     parser.set_defaults(func=doctor_command)
 
 

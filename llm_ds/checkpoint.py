@@ -104,9 +104,9 @@ def tokenizer_fingerprint(tokenizer) -> str | None:
     """A hash of the tokenizer's vocabulary and rules (None without a tokenizer: the user's own data)."""
     if tokenizer is None:
         return None
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    from llm_ds.data.cache import tokenizer_text
+
+    return hashlib.sha256(tokenizer_text(tokenizer).encode()).hexdigest()[:16]
 
 
 def _git(args: list[str]) -> str | None:

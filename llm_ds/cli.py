@@ -12,31 +12,13 @@ import os
 import sys
 from typing import NoReturn
 
-from launcher.cli import launch_command_parser
-from launcher.doctor import doctor_command_parser
-from llm_ds.config import UserError, dump_run_config, load_run_config
-from llm_ds.ds_config import DEFAULT_DS_CONFIG, check_job, ds_config_source, find_auto, load_ds_template
-from llm_ds.plan import plan_command_parser
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config``, ``--ds_config`` and ``--set``: a run, for every command that takes one."""
-    parser.add_argument("--config", help="run config YAML (default: the bundled tiny.yaml)")
-    parser.add_argument("--ds_config", help=f"DeepSpeed JSON template (default: ds_configs/{DEFAULT_DS_CONFIG.name})")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a run config value; repeatable",
-    )
+from llm_ds.config import UserError, dump_run_config, field_table, load_run_config
+from llm_ds.ds_config import check_job, ds_config_source, find_auto, load_ds_template
+from llm_ds.flags import ArgumentParser, add_run_arguments
 
 
 def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The driver's flags (``llm_ds/train.py``, ``llm-ds train``)."""
-    from llm_ds.flags import ArgumentParser
-
     parser = parser or ArgumentParser(prog="llm_ds/train.py", description="Train with DeepSpeed.")
     add_run_arguments(parser)
     parser.add_argument(
@@ -110,10 +92,16 @@ def config_command_parser(subparsers) -> None:
         choices=("fp32", "bf16", "fp16"),
         help="what train.precision=auto resolves to on the target hardware (default: fp32)",
     )
+    parser.add_argument(
+        "--explain", action="store_true", help="list every run config key with its default and meaning, and exit"
+    )
     parser.set_defaults(func=config_command)
 
 
 def config_command(args: argparse.Namespace) -> int:
+    if args.explain:
+        print(field_table(), end="")
+        return 0
     cfg = load_run_config(args.config, args.overrides)
     template = load_ds_template(args.ds_config)
     source = ds_config_source(args.ds_config)
@@ -136,8 +124,7 @@ def prepare_command_parser(subparsers) -> None:
         "block size), so that no rank spends cluster time on it. Run it once where the cache directory is shared "
         "or on each node's local disk.",
     )
-    parser.add_argument("--config", help="run config YAML (default: the bundled tiny.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_run_arguments(parser, ds_config=False)
     parser.set_defaults(func=prepare_command)
 
 
@@ -231,20 +218,25 @@ COMMANDS = (
     export_command_parser,
     generate_command_parser,
     report_command_parser,
-    launch_command_parser,
-    doctor_command_parser,
-    plan_command_parser,
 )
+COMMANDS_GROUP = "llm_ds.commands"  # entry points of the commands above the library: launch, doctor, plan
+
+
+def registered_commands() -> list:
+    """The parser builders of llm-ds's own commands, then those installed under ``COMMANDS_GROUP``."""
+    from importlib.metadata import entry_points
+
+    found = sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name)
+    return [*COMMANDS, *(ep.load() for ep in found)]
 
 
 def build_parser() -> argparse.ArgumentParser:
     from llm_ds import __version__
-    from llm_ds.flags import ArgumentParser
 
     parser = ArgumentParser(prog="llm-ds", description="Train GPT-2-style models with DeepSpeed.")
     parser.add_argument("--version", action="version", version=f"llm-ds {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in COMMANDS:
+    for register in registered_commands():
         register(subparsers)
     return parser
 

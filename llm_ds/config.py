@@ -25,6 +25,10 @@ DEFAULT_CONFIG = CONFIGS_DIR / "tiny.yaml"
 BUNDLED_CORPUS = PACKAGE_DIR / "assets" / "corpus" / "python-docs.jsonl"
 BUNDLED_TOKENIZER = PACKAGE_DIR / "assets" / "tokenizer"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CACHE_ENV = "LLM_DS_CACHE"  # where token caches go by default: $LLM_DS_CACHE, else DEFAULT_CACHE
+DEFAULT_CACHE = "~/.cache/llm_ds"
+IGNORE_INDEX = -100  # the label of a position that is not scored (padding), as in transformers
+NVME_DIR = "nvme"  # NVMe offload's swap folder under the output folder, by default
 
 
 def missing_extra(module: str, extra: str) -> str | None:
@@ -59,6 +63,12 @@ class ConfigError(UserError, ValueError):
     """A run or DeepSpeed config that cannot be used; the message is one line for the user."""
 
 
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING, shown: str = ""):
+    """A config field with its description as data: ``llm-ds config --explain`` and the README table show
+    ``help``; ``shown`` is how the default reads where its value says little (``the bundled corpus``)."""
+    return field(default=default, default_factory=factory, metadata={"help": help, "shown": shown})
+
+
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu")
 
 
@@ -66,22 +76,31 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu")
 class ModelConfig:
     """GPT-2 shape. ``vocab_size: null`` takes the tokenizer's size."""
 
-    n_layer: int = 4
-    n_embd: int = 128
-    n_head: int = 4
-    n_positions: int = 256
-    vocab_size: int | None = None
-    vocab_multiple_of: int = 64  # padded embedding rows make the output matmul faster
-    dropout: float = 0.0
-    init_from: str | None = None  # a local path or hub name of a pretrained causal LM
-    activation_checkpointing: bool = False
-    # torch's fused kernel of GPT-2's GELU (the same tanh approximation): 5% faster on CPU and 12
-    # fewer saved tensors per layer than GPT-2's own "gelu_new", written out in Python.
-    activation_function: str = "gelu_pytorch_tanh"
-    # Cross-entropy fused with the output projection, a chunk of positions at a time: the
-    # (tokens x vocab) logits are never held whole (llm_ds/loss.py). GPT-2 models only.
-    fused_loss: bool = True
-    loss_chunk_tokens: int | None = None  # positions per chunk; null: auto_chunk_tokens(vocab)
+    n_layer: int = opt(4, "transformer blocks")
+    n_embd: int = opt(128, "model width")
+    n_head: int = opt(4, "attention heads; must divide `n_embd`")
+    n_positions: int = opt(256, "learned positions, the longest `data.block_size`")
+    vocab_size: int | None = opt(None, "embedding rows; null takes the tokenizer's size")
+    vocab_multiple_of: int = opt(64, "rows rounded up to a multiple (a faster output matmul)")
+    dropout: float = opt(0.0, "residual, embedding and attention dropout")
+    init_from: str | None = opt(None, "start from a pretrained causal LM (a local path or hub name)")
+    activation_checkpointing: bool = opt(False, "recompute activations in backward")
+    # 5% faster on CPU and 12 fewer saved tensors per layer than "gelu_new", written out in Python.
+    activation_function: str = opt(
+        "gelu_pytorch_tanh",
+        "GPT-2's GELU (tanh approximation) as torch's one fused kernel; `gelu_new` is GPT-2's own Python "
+        "spelling of the same formula (see Benchmarks, Make it fast); also `gelu`, `relu`, `silu`",
+    )
+    fused_loss: bool = opt(
+        True,
+        "cross-entropy fused with the output projection, a chunk of positions at a time: the (tokens x "
+        "vocabulary) logits are never held whole (GPT-2 models; see Inside); false: transformers' loss",
+    )
+    loss_chunk_tokens: int | None = opt(
+        None,
+        "positions per chunk of the fused loss; null: as many as make 256 MiB of fp32 logits (1,335 for "
+        "GPT-2's vocabulary)",
+    )
 
     def validate(self) -> None:
         _check(self.n_layer > 0, "model.n_layer", self.n_layer, "must be > 0")
@@ -126,14 +145,14 @@ MIX_MODES = ("concat", "interleave")
 class SourceConfig:
     """One text source: local files (``path``) or a Hugging Face dataset (``hub``)."""
 
-    path: str | None = None  # a file, directory or glob
-    hub: str | None = None  # a dataset name for datasets.load_dataset, e.g. wikipedia, or a local dataset folder
-    config: str | None = None  # the hub dataset's config, e.g. 20220301.en
-    revision: str | None = None  # the hub dataset's branch, tag or commit; default its main branch
-    split: str = "train"
-    text_field: str | None = None  # default: data.text_field
-    format: str | None = None  # txt, json, jsonl, parquet, csv; default from each file's suffix
-    weight: float = 1.0  # relative sampling weight with data.mix: interleave
+    path: str | None = opt(None, "a file, directory or glob (or `hub`)")
+    hub: str | None = opt(None, "a dataset name for `datasets.load_dataset` (`wikipedia`), or a local dataset folder")
+    config: str | None = opt(None, "the hub dataset's config, e.g. `20220301.en`")
+    revision: str | None = opt(None, "the hub dataset's branch, tag or commit; null: its main branch")
+    split: str = opt("train", "the split to read")
+    text_field: str | None = opt(None, "the field holding the text; null: `data.text_field`")
+    format: str | None = opt(None, "`txt`, `json`, `jsonl`, `parquet`, `csv`; null: from each file's suffix")
+    weight: float = opt(1.0, "relative sampling weight with `data.mix: interleave`")
 
     def validate(self, key: str) -> None:
         _check(
@@ -166,24 +185,41 @@ def asdict_short(source: SourceConfig) -> dict[str, Any]:
 class DataConfig:
     """Where the text comes from and how it becomes blocks of tokens."""
 
-    paths: list[str] = field(default_factory=lambda: [str(BUNDLED_CORPUS)])  # local files; see also `sources`
-    text_field: str = "text"  # the field holding the text in json/jsonl/parquet/csv and hub datasets
-    sources: list[SourceConfig] = field(default_factory=list)  # when given, replaces `paths`
-    mix: str = "concat"  # concat: one source after another; interleave: drawn by `weight`, from train.seed
-    val_sources: list[SourceConfig] = field(default_factory=list)  # explicit validation text
-    val_fraction: float = 0.05  # of documents, held out before packing (when val_sources is empty)
-    tokenizer: str = str(BUNDLED_TOKENIZER)  # a local path or hub name for AutoTokenizer
-    block_size: int = 128
-    packing: bool = True  # false: the seed's one document per row, padded to block_size, pads masked
-    streaming: bool = False  # tokenize and pack on the fly; for corpora larger than disk or memory
-    num_proc: int = 1  # tokenizer worker processes
-    normalize_nfkc: bool = False
-    strip_control: bool = False  # drop control and non-printing characters (emoji sequences kept)
-    replace_urls: str | None = None  # replace URLs with this placeholder, e.g. "<url>"
-    min_chars: int = 0  # drop documents shorter than this, after the steps above
-    dedup: bool = False  # drop exact duplicate documents (by hash)
-    cache_dir: str | None = None  # default: $LLM_DS_CACHE or ~/.cache/llm_ds
-    num_workers: int = 0
+    paths: list[str] = opt(
+        help="local files, directories or globs (the short form of `data.sources`)",
+        factory=lambda: [str(BUNDLED_CORPUS)],
+        shown="the bundled corpus",
+    )
+    text_field: str = opt("text", "the field holding the text in JSON, parquet, CSV and hub datasets")
+    sources: list[SourceConfig] = opt(
+        help="a list of sources (`data.sources[]` below, and Data, Sources); when given, replaces `data.paths`",
+        factory=list,
+    )
+    mix: str = opt(
+        "concat",
+        "`concat`: sources one after another; `interleave`: each document drawn from a source by `weight`, "
+        "from `train.seed`",
+    )
+    val_sources: list[SourceConfig] = opt(
+        help="explicit validation sources; otherwise `val_fraction` is held out", factory=list
+    )
+    val_fraction: float = opt(0.05, "documents held out for validation, before packing")
+    tokenizer: str = opt(
+        str(BUNDLED_TOKENIZER),
+        "a folder or hub name for `AutoTokenizer.from_pretrained`",
+        shown="the bundled tokenizer",
+    )
+    block_size: int = opt(128, "tokens per training sequence")
+    packing: bool = opt(True, "false: the seed's padding, one document per row, pads masked (see Data)")
+    streaming: bool = opt(False, "tokenize and pack while training, for corpora larger than disk or memory")
+    num_proc: int = opt(1, "tokenizer processes when building the cache")
+    normalize_nfkc: bool = opt(False, "Unicode NFKC normalization (preprocessing, see Data)")
+    strip_control: bool = opt(False, "drop control and non-printing characters (emoji sequences kept)")
+    replace_urls: str | None = opt(None, "replace URLs with this placeholder, e.g. `<url>`")
+    min_chars: int = opt(0, "drop documents shorter than this, after the steps above")
+    dedup: bool = opt(False, "drop exact duplicate documents (by hash)")
+    cache_dir: str | None = opt(None, "where token arrays are cached", shown=f"`${CACHE_ENV}` or `{DEFAULT_CACHE}`")
+    num_workers: int = opt(0, "DataLoader worker processes")
 
     def validate(self) -> None:
         _check(
@@ -218,26 +254,37 @@ class DataConfig:
 class TrainConfig:
     """Optimisation and the loop. Batch sizes are per rank except ``global_batch_size``."""
 
-    seed: int = 1234
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    max_steps: int | None = 500  # optimizer steps; null trains for ``epochs``
-    epochs: float | None = None
-    lr: float = 2e-3
-    min_lr: float = 0.0  # WarmupDecayLR's warmup_min_lr; the decay ends at 0
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto: bf16 on accelerators that have it, else fp16, fp32 on CPU
-    eval_interval: int = 100
-    eval_max_batches: int | None = None  # null evaluates the whole validation split
-    output_dir: str | None = None  # default runs/<run_name>
-    run_name: str | None = None  # default: the run config's file name without extension
-    nvme_path: str | None = None  # NVMe offload swap folder; default <output_dir>/nvme
-    compile: bool = False  # torch.compile the model through DeepSpeed's engine.compile()
-    tf32: bool = True  # fp32 runs on GPUs with TF32 tensor cores (Ampere on) use them for matmuls
+    seed: int = opt(1234, "weights, document split and shuffling")
+    micro_batch_size: int = opt(8, "sequences per rank per forward")
+    grad_accum_steps: int = opt(1, "micro-batches per optimizer step")
+    max_steps: int | None = opt(500, "length of the run in optimizer steps; null: `train.epochs`")
+    epochs: float | None = opt(None, "length of the run in epochs of the train split, when `max_steps` is null")
+    lr: float = opt(
+        2e-3,
+        "peak learning rate of WarmupDecayLR: linear warm-up from `min_lr`, then linear decay to 0 at the last step",
+    )
+    min_lr: float = opt(0.0, "where the warm-up starts (WarmupDecayLR's warmup_min_lr)")
+    warmup_steps: int = opt(30, "warm-up steps (DeepSpeed's warm-up schedulers need >= 1)")
+    weight_decay: float = opt(0.1, "AdamW's; no decay on biases and LayerNorm gains")
+    betas: list[float] = opt(help="AdamW's betas", factory=lambda: [0.9, 0.95])
+    eps: float = opt(1e-8, "AdamW's epsilon")
+    grad_clip: float = opt(1.0, "global gradient-norm clipping (0 disables)")
+    precision: str = opt(
+        "auto", "`auto` (bf16 where the accelerator has it, else fp16; fp32 on CPU), `fp32`, `bf16`, `fp16`"
+    )
+    eval_interval: int = opt(100, "steps between evaluations (0: only at the end)")
+    eval_max_batches: int | None = opt(None, "cap on validation batches per rank per evaluation; null: all")
+    output_dir: str | None = opt(None, "where everything goes", shown="`runs/<run_name>`")
+    run_name: str | None = opt(None, "names the output folder and the W&B run", shown="the config file's name")
+    nvme_path: str | None = opt(None, "swap folder for NVMe offload", shown=f"`<output_dir>/{NVME_DIR}`")
+    compile: bool = opt(
+        False, "`torch.compile` the model through DeepSpeed's `engine.compile()` (compiled on the first forward)"
+    )
+    tf32: bool = opt(
+        True,
+        "on a GPU, fp32 matmuls use TF32 tensor cores (Ampere and newer; said in the start-up line of fp32 "
+        "runs) and MFU counts against the TF32 peak; false keeps full fp32 and its peak",
+    )
 
     def validate(self) -> None:
         _check(self.micro_batch_size > 0, "train.micro_batch_size", self.micro_batch_size, "must be > 0")
@@ -275,11 +322,11 @@ class TrainConfig:
 class LoggingConfig:
     """Where rank 0 reports."""
 
-    log_interval: int = 10
-    peak_tflops: float | None = None  # per device, for MFU; default: looked up by GPU name (none on CPU)
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "llm-ds"
+    log_interval: int = opt(10, "steps between console lines and metric records (step 1 is always logged)")
+    peak_tflops: float | None = opt(None, "the device's peak TFLOP/s for MFU; null: looked up by GPU name")
+    tensorboard: bool = opt(True, "TensorBoard event files under `<output_dir>/tensorboard`")
+    wandb: bool = opt(False, "Weights & Biases: online where `WANDB_API_KEY` is set, offline otherwise")
+    wandb_project: str = opt("llm-ds", "the W&B project")
 
     def validate(self) -> None:
         _check(self.log_interval > 0, "logging.log_interval", self.log_interval, "must be > 0")
@@ -291,12 +338,15 @@ class LoggingConfig:
 class CheckpointConfig:
     """When to save. ``interval: 0`` saves only at the end."""
 
-    interval: int = 100
-    dir: str | None = None  # default <output_dir>/checkpoints
-    save_final: bool = True
-    resume: str = "auto"  # auto: from the latest complete checkpoint if any; never; or a checkpoint folder
-    keep_last: int = 3  # complete checkpoints kept (0 keeps all); older ones go once a newer one is complete
-    save_trigger: str | None = None  # a file whose appearance makes the run save at the next step
+    interval: int = opt(100, "steps between checkpoints (0: only at the end)")
+    dir: str | None = opt(None, "where checkpoints go", shown="`<output_dir>/checkpoints`")
+    save_final: bool = opt(True, "save after the last step")
+    resume: str = opt(
+        "auto",
+        "`auto`: continue from the latest complete checkpoint if there is one; `never`; or a checkpoint folder",
+    )
+    keep_last: int = opt(3, "complete checkpoints kept (0 keeps all); older ones go once a newer one is complete")
+    save_trigger: str | None = opt(None, "a file path: creating it makes the run save at the next step boundary")
 
     def validate(self) -> None:
         _check(self.interval >= 0, "checkpoint.interval", self.interval, "must be >= 0 (0: only at the end)")
@@ -355,6 +405,11 @@ class RunConfig:
     @property
     def output_dir(self) -> Path:
         return Path(self.train.output_dir or Path("runs") / self.run_name)
+
+    @property
+    def nvme_dir(self) -> Path:
+        """NVMe offload's swap folder: ``train.nvme_path``, by default under the output folder."""
+        return Path(self.train.nvme_path) if self.train.nvme_path else self.output_dir / NVME_DIR
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -514,6 +569,37 @@ def _build_run_config(raw: typing.Mapping[str, Any], overrides: typing.Sequence[
         return RunConfig(**sections, source=source)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def field_docs() -> list[tuple[str, str, str]]:
+    """Every run-config key as ``(key, default as shown, description)``: the sections in order, and after
+    ``data`` the keys of each entry of ``data.sources`` / ``data.val_sources``."""
+    rows = []
+    for name in SECTIONS:
+        rows += _field_rows(_SECTION_TYPES[name], name)
+        if name == "data":
+            rows += _field_rows(SourceConfig, "data.sources[]")
+    return rows
+
+
+def _field_rows(cls, prefix: str) -> list[tuple[str, str, str]]:
+    rows = []
+    for f in dataclasses.fields(cls):
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = f.metadata.get("shown") or (f"`{value}`" if isinstance(value, str) else _yaml_value(value))
+        rows.append((f"{prefix}.{f.name}", shown, f.metadata.get("help", "")))
+    return rows
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def field_table() -> str:
+    """The run config's keys as a Markdown table, as the README shows it (``llm-ds config --explain``)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{key}` | {default} | {help} |" for key, default, help in field_docs()]
+    return "\n".join(lines) + "\n"
 
 
 def dump_run_config(cfg: RunConfig) -> str:

@@ -313,7 +313,7 @@ def resolve_ds_config(
         section = ds.setdefault(name, {})
         _fill(section, "enabled", precision == name, f"{where} {name}", f"precision {precision}")
 
-    nvme_path = str(Path(t.nvme_path) if t.nvme_path else cfg.output_dir / "nvme")
+    nvme_path = str(cfg.nvme_dir)
     zero = ds.get("zero_optimization") or {}
     for key in ("offload_param", "offload_optimizer"):
         offload = zero.get(key)

@@ -32,3 +32,23 @@ class ArgumentParser(argparse.ArgumentParser):
                 seen.add(id(option[0]))
                 unique.append(option)
         return unique
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, ds_config: bool = True) -> None:
+    """``--config``, ``--ds_config`` and ``--set``: a run, for every command that takes one (the driver,
+    ``config``, ``prepare``, ``launch``, ``plan``, ``doctor``)."""
+    from llm_ds.ds_config import DEFAULT_DS_CONFIG
+
+    parser.add_argument("--config", help="run config YAML (default: the bundled tiny.yaml)")
+    if ds_config:
+        parser.add_argument(
+            "--ds_config", help=f"DeepSpeed JSON template (default: ds_configs/{DEFAULT_DS_CONFIG.name})"
+        )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a run config value; repeatable",
+    )

@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from llm_ds.config import auto_chunk_tokens
-
-IGNORE_INDEX = -100  # the label of a position that is not scored (padding), as in transformers
+from llm_ds.config import IGNORE_INDEX, auto_chunk_tokens
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:

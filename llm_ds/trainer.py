@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm_ds.config import ConfigError, RunConfig, dump_run_config
-from llm_ds.data.loader import IGNORE_INDEX
+from llm_ds.config import IGNORE_INDEX, ConfigError, RunConfig, dump_run_config
 from llm_ds.ds_config import (
     check_job,
     ds_config_source,

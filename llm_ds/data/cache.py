@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llm_ds.config import CACHE_ENV, DEFAULT_CACHE
+
 logger = logging.getLogger(__name__)
 DONE_MARK = "meta.json"
 CACHE_FORMAT = 2
@@ -28,7 +30,7 @@ BUFFER_ITEMS = 1 << 20  # values held per array before they go to its file
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LLM_DS_CACHE", Path.home() / ".cache" / "llm_ds"))
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
 def fingerprint(spec: dict, files: list[Path], tokenizer) -> str:
@@ -40,9 +42,14 @@ def fingerprint(spec: dict, files: list[Path], tokenizer) -> str:
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     # The tokenizer's full serialisation, so a retrained tokenizer under the same name never matches.
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(tokenizer_text(tokenizer).encode())
     return h.hexdigest()[:20]
+
+
+def tokenizer_text(tokenizer) -> str:
+    """A tokenizer's full serialisation (vocabulary, merges, rules): what its fingerprints hash."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
 
 
 Built = tuple[dict[str, np.ndarray], dict]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from llm_ds.config import DataConfig
+from llm_ds.config import IGNORE_INDEX, DataConfig
 from llm_ds.data.packing import iter_token_ids, n_blocks, real_token_fraction
 from llm_ds.data.pipeline import describe, has_hub_sources, iter_split, load_or_build_arrays, pin_hub_commits
 from llm_ds.data.preprocess import Preprocessor
@@ -27,7 +27,6 @@ from llm_ds.data.sources import DataError, ReadStats
 
 logger = logging.getLogger("llm_ds")
 HUB_COMMITS_KEY = "llm_ds/hub_commits"
-IGNORE_INDEX = -100  # Hugging Face's label for "not scored"
 
 
 class BlockDataset(Dataset):

@@ -166,3 +166,22 @@ def test_every_user_error_shares_one_base():
 
     for error in (ConfigError, HostfileError, CheckpointError, DataError, ReportError, PlanError):
         assert issubclass(error, UserError), error
+
+
+def test_the_readme_table_is_the_configs_own_description():
+    from llm_ds.config import field_docs, field_table
+    from tests.conftest import ROOT
+
+    assert field_table() in (ROOT / "README.md").read_text()
+    keys = [key for key, _, _ in field_docs()]
+    expected = [f"{s}.{k}" for s in RunConfig().to_dict() for k in RunConfig().to_dict()[s]]
+    assert [k for k in keys if "[]" not in k] == expected  # every key once, in order
+    assert all(help for _, _, help in field_docs())
+
+
+def test_config_explain_prints_the_table(capsys):
+    from llm_ds.cli import main
+    from llm_ds.config import field_table
+
+    assert main(["config", "--explain"]) == 0
+    assert capsys.readouterr().out == field_table()

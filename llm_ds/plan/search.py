@@ -1,0 +1,170 @@
+"""Every candidate estimated, ranked, and what would fit when nothing does."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from llm_ds.plan.memory import (
+    activation_bytes,
+    bucket_bytes,
+    cublas_workspace_bytes,
+    model_states,
+    nvme_buffer_bytes,
+    optimizer_temp_bytes,
+)
+from llm_ds.plan.shapes import (
+    ALLOCATOR_SLACK,
+    CPU_ZERO_RUNTIME_BYTES,
+    CUDA_CONTEXT_BYTES,
+    NCCL_NVLS_BYTES,
+    NVLS_MIN_RANKS_PER_NODE,
+    Candidate,
+    Cluster,
+    Estimate,
+    ModelShape,
+    PlanError,
+    fmt_bytes,
+)
+from llm_ds.plan.timing import step_time
+
+
+def estimate(
+    shape: ModelShape,
+    cand: Candidate,
+    cluster: Cluster,
+    global_batch: int,
+    precision: str,
+    template: dict[str, Any] | None = None,
+) -> Estimate:
+    """Memory per rank and node, and step time, of one candidate under a DeepSpeed template (its
+    ``zero_optimization`` buckets and limits, its optimizer); ``fits`` and ``margin`` filled in.
+
+    The device's peak is the larger of two moments: the end of forward / start of backward (16-bit
+    states, activations, logits) and the optimizer step (fp32 gradients and the optimizer's scratch).
+    """
+    n = cluster.world
+    template = template or {}
+    zero = template.get("zero_optimization") or {}
+    states = model_states(shape.n_params, shape.largest_layer_params, cand.stage, n, precision, cand, zero)
+    acts = activation_bytes(shape, cand.micro_batch, precision, cand.activation_checkpointing, not cluster.is_cpu)
+    d = states["device"]
+    device = {
+        "model_params": int(d["params"]),
+        "live_params": int(d["live_params"]),
+        "model_grads": int(d["grads"]),
+        "model_optimizer": int(d["optimizer"]),
+        "buckets": int(bucket_bytes(zero, cand.stage, precision, shape.n_params, cluster.is_cpu)),
+        "workspaces": 0 if cluster.is_cpu else cublas_workspace_bytes(cluster.capability),
+        "activations": int(acts["activations"]),
+        "logits": int(acts["logits"]),
+        "fp32_grads": int(d["fp32_grads"]),
+        "optimizer_scratch": int(
+            optimizer_temp_bytes(
+                template, cand.offload_optimizer == "none", states["optimizer_partition"], cluster.is_cpu
+            )
+        ),
+    }
+    r = cluster.ranks_per_node
+    host_parts = {
+        **states["host"],
+        "nvme_buffers": nvme_buffer_bytes(zero, cand, shape.n_params, n, precision),
+    }
+    offloaded = sum(states["host"].values())
+    # Before ZeRO-3's partitioned construction, every rank builds the whole model in fp32 on the host
+    # (on CPU ranks, that model is the device's own parameters).
+    load = 0.0 if cand.stage == 3 or cluster.is_cpu else 4 * shape.n_params
+    # DeepSpeed's estimators' additional_buffer_factor covers the offload path's staging; NVMe swap
+    # buffers are sized exactly.
+    host = int(r * (max(offloaded, load) * 1.5 + host_parts["nvme_buffers"]))
+    nvme = int(r * states["nvme"])
+    parts = step_time(shape, cand, cluster, global_batch, precision)
+    est = Estimate(cand, global_batch // (n * cand.micro_batch), device, host, nvme, sum(parts.values()), parts)
+    est.host_states = host_parts
+    if cluster.is_cpu:
+        fixed = CPU_ZERO_RUNTIME_BYTES if cand.stage > 0 else 0
+    else:
+        fixed = CUDA_CONTEXT_BYTES
+        if cluster.nvls and r >= NVLS_MIN_RANKS_PER_NODE:
+            fixed += NCCL_NVLS_BYTES
+    # A GPU's caching allocator fragments; on CPU freed tensors go back to the system.
+    est.framework = int(est.peak_allocated() * (0 if cluster.is_cpu else ALLOCATOR_SLACK) + fixed)
+    device_need = est.device_total * (r if cluster.is_cpu else 1)
+    device_cap = cluster.device_mem * (r if cluster.is_cpu else 1)
+    host_need = host + (device_need if cluster.is_cpu else 0)
+    checks = {"device": (device_need, device_cap), "host": (host_need, cluster.cpu_mem)}
+    if nvme:
+        checks["nvme"] = (nvme, cluster.nvme)
+    for name, (need, cap) in checks.items():
+        est.margin[name] = 1.0 - need / cap if cap > 0 else float("-inf")
+        if need > cap:
+            est.limits.append(f"{name} needs {fmt_bytes(need)} of {fmt_bytes(cap)}")
+    est.fits = not est.limits
+    return est
+
+
+def candidates(stages=(0, 1, 2, 3), micro_batches=(1, 2, 4, 8, 16, 32, 64), allow_nvme: bool = True):
+    """Every combination DeepSpeed supports: optimizer offload from ZeRO-1 on, parameter offload and
+    NVMe only with ZeRO-3."""
+    for stage in stages:
+        offloads = [("none", "none")]
+        if stage in (1, 2):
+            offloads.append(("cpu", "none"))
+        if stage == 3:
+            offloads += [("cpu", "none"), ("cpu", "cpu")]
+            if allow_nvme:
+                offloads += [("nvme", "none"), ("nvme", "cpu"), ("nvme", "nvme")]
+        for opt, param in offloads:
+            for ckpt in (False, True):
+                for mb in micro_batches:
+                    yield Candidate(stage, opt, param, ckpt, mb)
+
+
+def plan(
+    shape: ModelShape, cluster: Cluster, global_batch: int, precision: str, template: dict[str, Any] | None = None
+) -> list[Estimate]:
+    """Every candidate whose micro-batch divides the per-rank batch, fastest first (less device memory on ties)."""
+    if global_batch % cluster.world:
+        raise PlanError(f"global batch {global_batch} is not divisible by the {cluster.world} ranks of the hostfile")
+    per_rank = global_batch // cluster.world
+    sizes = [m for m in (1, 2, 4, 8, 16, 32, 64, 128) if per_rank % m == 0]
+    out = [
+        estimate(shape, c, cluster, global_batch, precision, template)
+        for c in candidates(micro_batches=sizes, allow_nvme=cluster.nvme > 0)
+    ]
+    return sorted(out, key=lambda e: (not e.fits, round(e.step_s, 6), e.device_total))
+
+
+def what_would_fit(shape: ModelShape, cluster: Cluster, global_batch: int, precision: str, template: dict) -> list[str]:
+    """When nothing fits: the nearest changes that do (more nodes, NVMe offload, a shorter sequence), with numbers."""
+    hints = []
+    for factor in (2, 4, 8, 16, 32, 64):
+        more = Cluster(**{**asdict(cluster), "nodes": cluster.nodes * factor})
+        batch = max(global_batch, more.world)
+        batch -= batch % more.world
+        fits = [e for e in plan(shape, more, batch, precision, template) if e.fits]
+        if fits:
+            hints.append(f"{more.nodes} nodes ({more.world} ranks): {_brief(fits[0])}")
+            break
+    if cluster.nvme == 0:
+        more = Cluster(**{**asdict(cluster), "nvme": 1e15})
+        fits = [e for e in plan(shape, more, global_batch, precision, template) if e.fits]
+        if fits:
+            need = fits[0].nvme_per_node
+            hints.append(f"NVMe offload with --nvme-gb {max(1, round(need / 1e9 + 0.5))} or more: {_brief(fits[0])}")
+    seq = shape.seq
+    while seq > 128:
+        seq //= 2
+        fits = [
+            e for e in plan(ModelShape(**{**asdict(shape), "seq": seq}), cluster, global_batch, precision, template)
+        ]
+        fits = [e for e in fits if e.fits]
+        if fits:
+            hints.append(f"data.block_size={seq}: {_brief(fits[0])}")
+            break
+    return hints
+
+
+def _brief(e: Estimate) -> str:
+    c = e.candidate
+    return f"{c.label()}, micro-batch {c.micro_batch}, {fmt_bytes(e.device_total)} per device, {e.step_s:.2f} s/step"
