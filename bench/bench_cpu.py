@@ -1,10 +1,12 @@
-"""CPU benchmark, side by side: a plain PyTorch loop against llm-ds under DeepSpeed, and packing against padding.
+"""CPU benchmark, side by side: a plain PyTorch loop and Hugging Face's Trainer against llm-ds under DeepSpeed,
+and packing against padding.
 
     make bench             # writes bench/results/cpu.json and prints a table
 
 Every variant trains the same model on the same data with the same global batch, steps and seed,
 as a separate process; variants are alternated and repeated, and medians reported. Ratios, not
-absolute times, are what to compare: the machine is shared and noisy.
+absolute times, are what to compare: the machine is shared and noisy. ``process_s`` is each
+process's whole wall time, start-up and data included.
 """
 
 from __future__ import annotations
@@ -84,21 +86,30 @@ def run_llm_ds(ds: str, ranks: int, extra: list[str], cache: str) -> dict:
                 str(ROOT / "llm_ds" / "train.py"),
                 *args,
             ]
-        subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+        process_s = timed_run(cmd)
         summary = json.loads((Path(out) / "summary.json").read_text())
     return {
         "tokens_per_s": summary["tokens_per_s"],
         "real_tokens_per_s": summary["tokens_per_s"] * summary["real_token_fraction"],
         "final_train_loss": summary["final_train_loss"],
+        "process_s": process_s,
     }
 
 
-def run_plain(extra: list[str], cache: str) -> dict:
+def timed_run(cmd: list[str]) -> float:
+    """Run a benchmark process to the end; its whole wall time."""
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    return time.perf_counter() - start
+
+
+def run_script(script: str, extra: list[str], cache: str) -> dict:
+    """A one-process baseline (``plain_loop.py``, ``hf_trainer.py``) on the same run config."""
     with tempfile.TemporaryDirectory(prefix="llm-ds-bench-") as out:
-        result = Path(out) / "plain.json"
+        result = Path(out) / "result.json"
         cmd = [
             sys.executable,
-            str(ROOT / "bench" / "plain_loop.py"),
+            str(ROOT / "bench" / script),
             *COMMON,
             "--set",
             f"data.cache_dir={cache}",
@@ -106,12 +117,13 @@ def run_plain(extra: list[str], cache: str) -> dict:
             "--out",
             str(result),
         ]
-        subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
-        plain = json.loads(result.read_text())
+        process_s = timed_run(cmd)
+        figures = json.loads(result.read_text())
     return {
-        "tokens_per_s": plain["tokens_per_s"],
-        "real_tokens_per_s": plain["tokens_per_s"],
-        "final_train_loss": plain["final_loss"],
+        "tokens_per_s": figures["tokens_per_s"],
+        "real_tokens_per_s": figures["tokens_per_s"],
+        "final_train_loss": figures["final_loss"],
+        "process_s": process_s,
     }
 
 
@@ -122,7 +134,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="llm-ds-bench-ds-"))
     cache = str(folder / "cache")
     variants = {
-        "a_plain_pytorch_1rank": lambda: run_plain([], cache),
+        "a_plain_pytorch_1rank": lambda: run_script("plain_loop.py", [], cache),
+        "a_hf_trainer_1rank": lambda: run_script("hf_trainer.py", [], cache),
         "b_llm_ds_zero0_1rank": lambda: run_llm_ds(ds_template(0, folder), 1, [], cache),
         "b_llm_ds_zero1_1rank": lambda: run_llm_ds(ds_template(1, folder), 1, [], cache),
         "b_llm_ds_zero1_1rank_transformers_loss": lambda: run_llm_ds(ds_template(1, folder), 1, UNFUSED, cache),
@@ -154,6 +167,11 @@ def main() -> None:
         "llm_ds_zero1_transformers_loss_vs_plain": med["b_llm_ds_zero1_1rank_transformers_loss"]
         / med["a_plain_pytorch_1rank"],
         "fused_loss_vs_transformers_loss": med["b_llm_ds_zero1_1rank"] / med["b_llm_ds_zero1_1rank_transformers_loss"],
+        # Hugging Face's Trainer on the same model, blocks, batch, optimizer and schedule: tokens/s, and the
+        # whole process (start-up, data, training) as its time over llm-ds's (above 1: llm-ds is faster).
+        "llm_ds_zero1_vs_hf_trainer": med["b_llm_ds_zero1_1rank"] / med["a_hf_trainer_1rank"],
+        "llm_ds_zero1_vs_hf_trainer_process": figures["a_hf_trainer_1rank"]["process_s"]["median"]
+        / figures["b_llm_ds_zero1_1rank"]["process_s"]["median"],
         "packed_vs_padded_real_tokens": figures["d_packed_1024"]["real_tokens_per_s"]["median"]
         / figures["d_padded_1024"]["real_tokens_per_s"]["median"],
     }
@@ -171,10 +189,13 @@ def main() -> None:
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'variant':<40}{'tokens/s median':>16}{'min':>10}{'max':>10}")
+    print(f"{'variant':<40}{'tokens/s median':>16}{'min':>10}{'max':>10}{'process s':>11}")
     for name, f in figures.items():
         tps = f["tokens_per_s"]
-        print(f"{name:<40}{tps['median']:>16,.0f}{tps['min']:>10,.0f}{tps['max']:>10,.0f}")
+        print(
+            f"{name:<40}{tps['median']:>16,.0f}{tps['min']:>10,.0f}{tps['max']:>10,.0f}"
+            f"{f['process_s']['median']:>11.1f}"
+        )
     for name, value in ratios.items():
         print(f"{name:<44}{value:>8.3f}")
     print(f"wrote {OUT}")

@@ -105,6 +105,22 @@ def test_a_user_model_and_user_datasets_train(tmp_path, data_cache):
     assert (checkpoint / "COMPLETE").is_file() and (checkpoint / "llm_ds" / "hf_config" / "config.json").is_file()
 
 
+def test_under_zero3_a_model_function_is_built_partitioned(tmp_path, data_cache):
+    built = []
+
+    def build():
+        model = tiny_llama()
+        built.append(all(hasattr(p, "ds_id") for p in model.parameters()))  # made inside zero.Init
+        return model
+
+    cfg = tiny_cfg(tmp_path, data_cache, max_steps=20, lr=0.01)
+    trainer = Trainer(cfg, ds_config="ds_configs/zero3.json", model=build, train_dataset=RepeatingSequences(64, 32, 64))
+    summary = trainer.fit()
+    assert built == [True] and summary["zero_stage"] == 3
+    assert summary["parameters"] == sum(p.numel() for p in tiny_llama().parameters())
+    assert summary["final_train_loss"] < summary["first_train_loss"] - 0.5
+
+
 def test_without_eval_dataset_nothing_is_evaluated(tmp_path, data_cache):
     trainer = Trainer(tiny_cfg(tmp_path, data_cache, max_steps=3), model=tiny_llama(),
                       train_dataset=RepeatingSequences(64, 32, 64))
