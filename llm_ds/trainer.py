@@ -129,7 +129,7 @@ class Trainer:
         self.cfg, self.callbacks, self.handle_signals = cfg, list(callbacks), handle_signals
         self.ds_source = ds_config_source(ds_config)
         template = load_ds_template(ds_config)
-        _, self.rank_local, world_size = dist_env()
+        _, self.local_rank, world_size = dist_env()
         check_job(cfg, template, world_size, self.ds_source)  # before any rank does data or model work
 
         init_distributed()
@@ -233,7 +233,7 @@ class Trainer:
             micro,
             self.rank,
             self.world_size,
-            self.rank_local,
+            self.local_rank,
             seed,
             cfg.train.eval_max_batches,
             pin_memory=pin_memory,
@@ -369,7 +369,7 @@ class Trainer:
             self.state.step,
             state,
             self.rank,
-            self.rank_local,
+            self.local_rank,
             self._manifest,
             self.ds_config,
             self.tokenizer,
