@@ -30,6 +30,7 @@ class Control:
         self.store = c10d._get_default_store()
         run = next(_runs)
         self.stop_key, self.save_key = f"llm_ds/{run}/stop_at", f"llm_ds/{run}/save_at"
+        self.reason_key = f"llm_ds/{run}/stop_reason"
         self.reason: str | None = None  # why this rank asked to stop
         self._proposed_stop = False
         self._previous = {}
@@ -54,7 +55,9 @@ class Control:
         """At the boundary after ``step``: ``(save_now, stop_now)``, the same on every rank."""
         if self.reason is not None and not self._proposed_stop:
             self._proposed_stop = True
-            self.store.compare_set(self.stop_key, "", str(step + MARGIN_STEPS))  # the first proposal wins
+            proposal = str(step + MARGIN_STEPS)
+            if self.store.compare_set(self.stop_key, "", proposal).decode() == proposal:  # the first one wins
+                self.store.set(self.reason_key, self.reason)
         if self.rank == 0 and self.trigger is not None and self.trigger.exists():
             self.trigger.unlink(missing_ok=True)
             self.store.set(self.save_key, str(step + MARGIN_STEPS))
@@ -63,10 +66,16 @@ class Control:
         stop = stop_at is not None and step >= stop_at
         return stop or save_at == step, stop
 
+    def stop_reason(self) -> str | None:
+        """Why the run stopped: this rank's reason, else the one the stop's proposer gave."""
+        if self.reason is not None:
+            return self.reason
+        return self.store.get(self.reason_key).decode() if self.store.check([self.reason_key]) else None
+
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self.rank == 0:
-            for key in (self.stop_key, self.save_key):
+            for key in (self.stop_key, self.save_key, self.reason_key):
                 if self.store.check([key]):
                     self.store.delete_key(key)

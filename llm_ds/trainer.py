@@ -210,9 +210,10 @@ class Trainer:
         self.first_step_at: float | None = None  # wall-clock time the first step of this process finished
         self.monitor, self.control, self._manifest = None, None, None
         self._error: Exception | None = None  # the first callback error of this run
+        self._fitted = False
 
     def _build_loaders(self, train_dataset, eval_dataset, pin_memory: bool):
-        from llm_ds.data.loader import build_dataset_loaders, build_loaders
+        from llm_ds.data.loader import build_dataset_loaders, build_eval_loader, build_loaders
 
         cfg = self.cfg
         micro, seed = cfg.train.micro_batch_size, cfg.train.seed
@@ -220,6 +221,7 @@ class Trainer:
             return build_dataset_loaders(
                 train_dataset,
                 eval_dataset,
+                cfg.data.block_size,
                 micro,
                 self.rank,
                 self.world_size,
@@ -239,9 +241,15 @@ class Trainer:
             pin_memory=pin_memory,
         )
         if eval_dataset is not None:
-            loaders.eval = build_dataset_loaders(
-                eval_dataset, eval_dataset, micro, self.rank, self.world_size, seed, cfg.data.num_workers, pin_memory
-            ).eval
+            loaders.eval = build_eval_loader(
+                eval_dataset,
+                cfg.data.block_size,
+                micro,
+                self.rank,
+                self.world_size,
+                num_workers=cfg.data.num_workers,
+                pin_memory=pin_memory,
+            )
         return loaders
 
     def _build_model(self, model) -> torch.nn.Module:
@@ -387,11 +395,12 @@ class Trainer:
             try:
                 getattr(cb, hook)(self, *args)
             except Exception as exc:
+                if self.control is None:  # not in fit(): nothing to stop, the caller gets it
+                    raise
                 if self._error is None:
                     self._error = exc
                     logger.error("%s.%s raised %r: saving, then stopping", type(cb).__name__, hook, exc)
-                    if self.control is not None:
-                        self.control.request_stop(f"{type(exc).__name__} in {type(cb).__name__}.{hook}")
+                    self.control.request_stop(f"{type(exc).__name__} in {type(cb).__name__}.{hook}")
 
     # ---- the run ---------------------------------------------------------------------------------
 
@@ -403,7 +412,9 @@ class Trainer:
         """
         from llm_ds import checkpoint
 
-        self._error: Exception | None = None
+        if self._fitted:
+            raise RuntimeError("Trainer.fit() runs once per Trainer: make a new Trainer for another run")
+        self._fitted = True
         resumed = checkpoint.load(self.engine, self.resume_from, self.rank) if self.resume_from else None
         if resumed:
             self.restore(resumed)
@@ -416,6 +427,7 @@ class Trainer:
         finally:
             self.control.close()
             self.monitor.close()
+            self.control = None
         if self.rank == 0:
             from llm_ds.monitor.metrics import redact
 
@@ -506,16 +518,16 @@ class Trainer:
             last = step == self.total_steps
             if (ckpt_every and step % ckpt_every == 0) or (last and cfg.checkpoint.save_final) or save_now:
                 self.save_checkpoint()
-            elif last and self._error is not None:
-                self.save_checkpoint()  # an error is pending: the run's last state is worth keeping
+            elif last and self._stop_pending():
+                self.save_checkpoint()  # a stop was asked for too late to take effect: keep the last state
             # Evaluation and checkpoint time does not count as step time.
             interval_start += time.perf_counter() - pause_start
             if stop_now:
-                stopped_by = self.control.reason or "another rank's request"
+                stopped_by = self.control.stop_reason()
                 logger.info("stopped after step %d (%s), checkpoint saved", step, stopped_by)
                 break
-        if self._error is not None and stopped_by is None:
-            stopped_by = self.control.reason
+        if stopped_by is None and self._stop_pending():
+            stopped_by = self.control.stop_reason()
         tokens_per_s = timed_tokens / train_time_s if train_time_s > 0 else None
         memory = self.metrics.rank_memory
         return RunSummary(
@@ -548,6 +560,14 @@ class Trainer:
             resumed_from=str(self.resume_from) if self.resume_from else None,
             resumed_at_step=resume_step,
         ).to_dict()
+
+    def _stop_pending(self) -> bool:
+        """Whether any rank has asked to stop (an error, a signal): one all-reduce, the same answer on every rank."""
+        import deepspeed.comm as dist
+
+        flag = torch.tensor(float(self.control.reason is not None), device=self.engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _epochs(self) -> float | None:
         per_epoch = self.train_loader.batches_per_epoch()

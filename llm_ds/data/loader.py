@@ -71,7 +71,14 @@ BATCH_KEYS = ("input_ids", "attention_mask", "labels")  # what a sample may give
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     """Stack samples (tensors, arrays or lists). Without ``labels``, the labels are the inputs (the model
     shifts them by one itself), pads not scored."""
-    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in BATCH_KEYS if k in samples[0]}
+    try:
+        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in BATCH_KEYS if k in samples[0]}
+    except RuntimeError as exc:  # rows of different lengths
+        lengths = sorted({len(s["input_ids"]) for s in samples})
+        raise DataError(
+            f"a batch's samples have {lengths} tokens: every sample of a dataset needs data.block_size tokens "
+            f"(pad with an attention_mask, or pack documents into blocks) ({str(exc).splitlines()[0]})"
+        ) from None
     if "labels" not in batch:
         mask = batch.get("attention_mask")
         batch["labels"] = (
@@ -264,6 +271,7 @@ def build_loaders(
 def build_dataset_loaders(
     train_dataset,
     eval_dataset,
+    block_size: int,
     micro_batch_size: int,
     rank: int,
     world_size: int,
@@ -272,13 +280,14 @@ def build_dataset_loaders(
     pin_memory: bool = False,
 ) -> Loaders:
     """Loaders over the user's datasets: any map-style dataset (a torch ``Dataset``, a ``datasets.Dataset``)
-    whose items are dicts with ``input_ids`` and optionally ``labels`` and ``attention_mask``.
+    whose items are dicts with ``input_ids`` of ``block_size`` tokens and optionally ``labels`` and
+    ``attention_mask``.
 
     The train loader samples as for the run config's data (``ShardedSampler``), so resuming is exact;
     ``eval_dataset`` may be None (no evaluation).
     """
     common = {"collate_fn": collate, "pin_memory": pin_memory, "num_workers": num_workers}
-    _check_dataset(train_dataset, "train_dataset")
+    _check_dataset(train_dataset, "train_dataset", block_size)
     if len(train_dataset) < world_size * micro_batch_size:
         raise DataError(
             f"train_dataset has {len(train_dataset)} samples, fewer than one global batch "
@@ -293,17 +302,25 @@ def build_dataset_loaders(
     )
     evaluation = None
     if eval_dataset is not None:
-        _check_dataset(eval_dataset, "eval_dataset")
-        evaluation = DataLoader(
-            eval_dataset,
-            batch_size=micro_batch_size,
-            sampler=ShardedSampler(len(eval_dataset), rank, world_size, seed=0, shuffle=False),
-            **common,
-        )
+        evaluation = build_eval_loader(eval_dataset, block_size, micro_batch_size, rank, world_size, **common)
     return Loaders(TrainLoader(train, micro_batch_size), evaluation, len(train_dataset), {"user_datasets": True})
 
 
-def _check_dataset(dataset, name: str) -> None:
+def build_eval_loader(eval_dataset, block_size: int, micro_batch_size: int, rank: int, world_size: int, **common):
+    """A loader over a user's validation dataset: each rank an equal share, in order."""
+    _check_dataset(eval_dataset, "eval_dataset", block_size)
+    if len(eval_dataset) < world_size:
+        raise DataError(f"eval_dataset has {len(eval_dataset)} samples, fewer than the {world_size} rank(s)")
+    common = {"collate_fn": collate, **common}
+    return DataLoader(
+        eval_dataset,
+        batch_size=micro_batch_size,
+        sampler=ShardedSampler(len(eval_dataset), rank, world_size, seed=0, shuffle=False),
+        **common,
+    )
+
+
+def _check_dataset(dataset, name: str, block_size: int) -> None:
     """One line naming what is wrong with a user's dataset, before any batch is drawn."""
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise DataError(f"{name}: a map-style dataset (with __len__ and __getitem__) is needed, got {type(dataset)}")
@@ -314,6 +331,11 @@ def _check_dataset(dataset, name: str) -> None:
         got = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
         raise DataError(
             f"{name}[0] must be a dict with `input_ids` (and optionally `labels`, `attention_mask`), got {got}"
+        )
+    if len(sample["input_ids"]) != block_size:
+        raise DataError(
+            f"{name}[0] has {len(sample['input_ids'])} tokens and data.block_size is {block_size}: set "
+            f"data.block_size={len(sample['input_ids'])} (tokens/s, MFU and the summary count by it)"
         )
 
 

@@ -234,3 +234,32 @@ def test_a_callback_that_raises_stops_the_run_with_its_error_after_a_save(tmp_pa
     assert saved == ["global_step5"]  # stopped at the step all ranks agreed on: 3 plus the margin of 2
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 5 and summary["stopped_by"] == "RuntimeError in Boom.on_step_end"
+
+
+class BoomNearTheEnd(TrainerCallback):
+    def on_step_end(self, trainer, step):
+        if step == 19:
+            raise ValueError("late")
+
+
+def test_an_error_too_close_to_the_end_to_stop_early_still_saves_the_last_step(tmp_path, data_cache):
+    cfg = tiny_cfg(tmp_path, data_cache, max_steps=20)
+    cfg.checkpoint.save_final = False
+    trainer = Trainer(cfg, callbacks=[BoomNearTheEnd()])
+    with pytest.raises(ValueError, match="late"):
+        trainer.fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("global_step*")) == ["global_step20"]
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped_by"] == "ValueError in BoomNearTheEnd.on_step_end"
+    with pytest.raises(RuntimeError, match="runs once per Trainer"):
+        trainer.fit()
+    with pytest.raises(ValueError, match="late"):  # outside fit() a callback's error reaches the caller
+        trainer.state.step = 19
+        trainer._callback("on_step_end", 19)
+
+
+def test_user_data_of_another_length_than_the_block_is_refused_naming_the_fix(tmp_path, data_cache):
+    from llm_ds.data.sources import DataError
+
+    with pytest.raises(DataError, match=r"train_dataset\[0\] has 16 tokens and data.block_size is 32: set "
+                                        r"data.block_size=16"):
+        Trainer(tiny_cfg(tmp_path, data_cache), model=tiny_llama(), train_dataset=RepeatingSequences(64, 16, 64))

@@ -135,3 +135,18 @@ def test_streaming_loader_resumes_exactly(data_cfg, tokenizer, num_workers, stop
     resumed.load_state_dict(interrupted.state_dict())
     rest = take(resumed, 8)
     assert all(torch.equal(a, b) for a, b in zip(seen + rest, reference, strict=True))
+
+
+def test_samples_of_different_lengths_are_a_data_error_naming_the_lengths():
+    import pytest
+    import torch
+
+    from llm_ds.data.loader import collate
+    from llm_ds.data.sources import DataError
+
+    samples = [{"input_ids": torch.arange(4)}, {"input_ids": torch.arange(6)}]
+    with pytest.raises(DataError, match=r"a batch's samples have \[4, 6\] tokens"):
+        collate(samples)
+    batch = collate([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 0], "text": "left out"}] * 2)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["labels"].tolist() == [[1, 2, -100]] * 2
