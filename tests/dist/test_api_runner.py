@@ -77,3 +77,31 @@ def test_the_readme_script_runs_as_one_plain_process(tmp_path, data_cache):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "after 3 steps" in proc.stdout
+
+
+ONE_RANK_FAILS = """
+import os, sys
+from llm_ds import RunConfig, Trainer, TrainerCallback
+
+class FailOnRank1(TrainerCallback):
+    def on_step_end(self, trainer, step):
+        if trainer.rank == 1 and step == 3:
+            raise RuntimeError("rank 1's callback failed")
+
+cfg = RunConfig.from_dict({}, overrides=[a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+Trainer(cfg, callbacks=[FailOnRank1()]).fit()
+"""
+
+
+def test_a_callback_failing_on_one_rank_stops_every_rank_after_a_save(tmp_path, data_cache):
+    script = tmp_path / "fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    run_dir = tmp_path / "run"
+    sets = [*SMALL, f"train.output_dir={run_dir}", f"data.cache_dir={data_cache}"]
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(script), *sets]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "rank 1's callback failed" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("global_step*")) == ["global_step5"]
+    assert (run_dir / "checkpoints" / "global_step5" / "COMPLETE").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())  # rank 0's, which did not raise
+    assert summary["steps"] == 5 and summary["stopped_by"] == "RuntimeError in FailOnRank1.on_step_end"
