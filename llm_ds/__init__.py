@@ -38,3 +38,7 @@ def __getattr__(name: str):
 
         return getattr(trainer, name)
     raise AttributeError(f"module 'llm_ds' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -254,6 +254,7 @@ class Trainer:
 
     def _build_model(self, model) -> torch.nn.Module:
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
         from llm_ds.model import build_model, describe_model, resolve_vocab_size
 
@@ -286,7 +287,7 @@ class Trainer:
             " (TF32 matmuls; train.tf32=false for full fp32)" if self._uses_tf32() else "",
             zero_stage(self.ds_config),
             self.world_size,
-            "cpu" if not torch.cuda.is_available() else "cuda",
+            get_accelerator().device_name(),
         )
         return model
 
