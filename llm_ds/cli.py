@@ -33,7 +33,7 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def train_command_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train in this process (use `deepspeed ... llm_ds/train.py` for ranks)",
+        help="train in this process (ranks: deepspeed --num_gpus N --module llm_ds.train ...)",
         description="Train with the run config and DeepSpeed config given.",
     )
     train_parser(parser)

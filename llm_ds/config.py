@@ -370,7 +370,7 @@ class RunConfig:
         """A run config from ``{section: {key: value}}`` plus ``section.key=value`` overrides, checked as a
         YAML file is: an unknown key, a wrong type or a bad value is a ``ConfigError`` naming the key.
         Keys not given take their defaults (those of the bundled ``tiny.yaml``)."""
-        return _build_run_config(values, overrides, "run config dict", str(DEFAULT_CONFIG))
+        return _build_run_config(values, overrides, "run config dict", str(DEFAULT_CONFIG), "override")
 
     def check(self) -> None:
         """Every field's type (ints are taken for floats), then every rule; raises ``ConfigError`` naming the
@@ -507,15 +507,15 @@ def _build_section(name: str, values: Any, where: str):
     return cls(**kwargs)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
     """Split ``section.key=value`` into the key path and the YAML-parsed value."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value")
+        raise ConfigError(f"{flag} {text!r}: expected section.key=value")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from exc
+        raise ConfigError(f"{flag} {key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from exc
     return key.strip().split("."), value
 
 
@@ -543,8 +543,11 @@ def load_run_config(path: str | Path | None = None, overrides: typing.Sequence[s
     return _build_run_config(raw, overrides, str(path), str(path))
 
 
-def _build_run_config(raw: typing.Mapping[str, Any], overrides: typing.Sequence[str], where: str, source: str):
-    """``raw`` (sections of keys) with ``overrides`` applied, checked; errors start with ``where``."""
+def _build_run_config(
+    raw: typing.Mapping[str, Any], overrides: typing.Sequence[str], where: str, source: str, flag: str = "--set"
+):
+    """``raw`` (sections of keys) with ``overrides`` applied, checked; errors start with ``where``, or for an
+    override with ``flag`` (what the user wrote it with)."""
     if not isinstance(raw, typing.Mapping):
         raise ConfigError(f"{where}: top level must be a mapping of sections, got {raw!r}")
     for section in raw:
@@ -552,18 +555,18 @@ def _build_run_config(raw: typing.Mapping[str, Any], overrides: typing.Sequence[
             raise ConfigError(f"{where}: unknown section `{section}`{_closest(str(section), SECTIONS)}")
     sections = {name: _build_section(name, raw.get(name) or {}, where) for name in SECTIONS}
     for text in overrides:
-        keys, value = parse_override(text)
+        keys, value = parse_override(text, flag)
         dotted = ".".join(keys)
         if keys[0] not in SECTIONS:
-            raise ConfigError(f"--set {dotted}: unknown section `{keys[0]}`{_closest(keys[0], SECTIONS)}")
+            raise ConfigError(f"{flag} {dotted}: unknown section `{keys[0]}`{_closest(keys[0], SECTIONS)}")
         hints = typing.get_type_hints(_SECTION_TYPES[keys[0]])
         if len(keys) != 2 or keys[1] not in hints:
             name = keys[1] if len(keys) > 1 else ""
-            raise ConfigError(f"--set {dotted}: unknown key `{dotted}`{_closest(name, hints, f'{keys[0]}.')}")
+            raise ConfigError(f"{flag} {dotted}: unknown key `{dotted}`{_closest(name, hints, f'{keys[0]}.')}")
         try:
             value = _coerce(value, hints[keys[1]], dotted)
         except ConfigError as exc:
-            raise ConfigError(f"--set {exc}") from None
+            raise ConfigError(f"{flag} {exc}") from None
         sections[keys[0]] = dataclasses.replace(sections[keys[0]], **{keys[1]: value})
     try:
         return RunConfig(**sections, source=source)

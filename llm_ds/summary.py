@@ -73,6 +73,6 @@ def log_summary(summary: dict[str, Any], out_dir: Path, checkpoint_dir: Path) ->
     logger.info(
         "summary: %s | checkpoints: %s | tensorboard: %s",
         out_dir / "summary.json",
-        checkpoint_dir,
-        out_dir / "tensorboard",
+        checkpoint_dir if checkpoint_dir.is_dir() else "none saved",
+        out_dir / "tensorboard" if (out_dir / "tensorboard").is_dir() else "off",
     )

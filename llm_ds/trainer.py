@@ -170,6 +170,14 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(redact(dump_run_config(cfg)))
             (out / "ds_config.json").write_text(redact(json.dumps(self.ds_config, indent=2)) + "\n")
+        if cfg.train.warmup_steps > self.total_steps:
+            logger.warning(
+                "train.warmup_steps=%d is more than the run's %d steps: the learning rate never reaches "
+                "train.lr=%g and never decays (lower train.warmup_steps)",
+                cfg.train.warmup_steps,
+                self.total_steps,
+                cfg.train.lr,
+            )
         n_train = f"{loaders.n_train_samples:,}" if loaders.n_train_samples is not None else "streamed"
         n_eval = f"{len(self.eval_loader.dataset):,}" if self.eval_loader is not None else "no"
         logger.info(

@@ -132,7 +132,7 @@ def test_from_dict_equals_the_yaml_and_applies_overrides():
         ({"train": {"micro_batch_size": "8"}}, [], "`train.micro_batch_size` must be int, got str '8'"),
         ({"train": {"lr": -1}}, [], "run config dict: `train.lr` must be > 0, got -1.0"),
         ({"data": {"sources": [{"hub": "x", "path": "y"}]}}, [], "`data.sources[0]` needs exactly one of"),
-        ({}, ["train.warmup=3"], "--set train.warmup: unknown key `train.warmup`; did you mean"),
+        ({}, ["train.warmup=3"], "override train.warmup: unknown key `train.warmup`; did you mean"),
         ([1, 2], [], "run config dict: top level must be a mapping of sections"),
     ],
 )
