@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 
 def setup_logging(rank: int) -> None:
@@ -18,7 +19,24 @@ def setup_logging(rank: int) -> None:
         log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
         log.propagate = name != "llm_ds"
     # DeepSpeed's own INFO lines repeat per rank; LLM_DS_DEEPSPEED_LOG=info brings them back.
-    logging.getLogger("DeepSpeed").setLevel(os.environ.get("LLM_DS_DEEPSPEED_LOG", "WARNING").upper())
+    deepspeed_log = logging.getLogger("DeepSpeed")
+    deepspeed_log.setLevel(os.environ.get("LLM_DS_DEEPSPEED_LOG", "WARNING").upper())
+    if not any(isinstance(f, _KnownNoise) for f in deepspeed_log.filters):
+        deepspeed_log.addFilter(_KnownNoise())
+    # torch deprecates the collectives DeepSpeed's ZeRO calls, in a warning per rank and call site.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
+
+
+class _KnownNoise(logging.Filter):
+    """DeepSpeed's scheduler warns, per rank, that its learning rate is read before the first step:
+    ``deepspeed.initialize`` reads it itself. Harmless, on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Attempting to get learning rate from scheduler before it has started")
 
 
 class _RedactSecrets(logging.Filter):
