@@ -221,7 +221,7 @@ class Trainer:
         self._fitted = False
 
     def _build_loaders(self, train_dataset, eval_dataset, pin_memory: bool):
-        from llm_ds.data.loader import build_dataset_loaders, build_eval_loader, build_loaders
+        from llm_ds.data.loader import build_dataset_loaders, build_eval_loader, build_loaders, collate
 
         cfg = self.cfg
         micro, seed = cfg.train.micro_batch_size, cfg.train.seed
@@ -249,14 +249,9 @@ class Trainer:
             pin_memory=pin_memory,
         )
         if eval_dataset is not None:
+            loader_args = {"collate_fn": collate, "num_workers": cfg.data.num_workers, "pin_memory": pin_memory}
             loaders.eval = build_eval_loader(
-                eval_dataset,
-                cfg.data.block_size,
-                micro,
-                self.rank,
-                self.world_size,
-                num_workers=cfg.data.num_workers,
-                pin_memory=pin_memory,
+                eval_dataset, cfg.data.block_size, micro, self.rank, self.world_size, loader_args
             )
         return loaders
 

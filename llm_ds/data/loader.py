@@ -258,13 +258,7 @@ def build_loaders(
         sampler=ShardedSampler(len(train), rank, world_size, seed),
         **common,
     )
-    eval_loader = DataLoader(
-        val,
-        batch_size=micro_batch_size,
-        drop_last=False,
-        sampler=ShardedSampler(len(val), rank, world_size, seed=0, shuffle=False),
-        **common,
-    )
+    eval_loader = ordered_loader(val, micro_batch_size, rank, world_size, common)
     return Loaders(TrainLoader(train_loader, micro_batch_size), eval_loader, len(train), info)
 
 
@@ -302,22 +296,24 @@ def build_dataset_loaders(
     )
     evaluation = None
     if eval_dataset is not None:
-        evaluation = build_eval_loader(eval_dataset, block_size, micro_batch_size, rank, world_size, **common)
+        evaluation = build_eval_loader(eval_dataset, block_size, micro_batch_size, rank, world_size, common)
     return Loaders(TrainLoader(train, micro_batch_size), evaluation, len(train_dataset), {"user_datasets": True})
 
 
-def build_eval_loader(eval_dataset, block_size: int, micro_batch_size: int, rank: int, world_size: int, **common):
+def build_eval_loader(
+    eval_dataset, block_size: int, micro_batch_size: int, rank: int, world_size: int, loader_args: dict
+) -> DataLoader:
     """A loader over a user's validation dataset: each rank an equal share, in order."""
     _check_dataset(eval_dataset, "eval_dataset", block_size)
     if len(eval_dataset) < world_size:
         raise DataError(f"eval_dataset has {len(eval_dataset)} samples, fewer than the {world_size} rank(s)")
-    common = {"collate_fn": collate, **common}
-    return DataLoader(
-        eval_dataset,
-        batch_size=micro_batch_size,
-        sampler=ShardedSampler(len(eval_dataset), rank, world_size, seed=0, shuffle=False),
-        **common,
-    )
+    return ordered_loader(eval_dataset, micro_batch_size, rank, world_size, loader_args)
+
+
+def ordered_loader(dataset, micro_batch_size: int, rank: int, world_size: int, loader_args: dict) -> DataLoader:
+    """Validation batches: each rank an equal share of ``dataset``, in order, the last batch possibly short."""
+    sampler = ShardedSampler(len(dataset), rank, world_size, seed=0, shuffle=False)
+    return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, **loader_args)
 
 
 def _check_dataset(dataset, name: str, block_size: int) -> None:
@@ -403,9 +399,7 @@ def _build_streaming(cfg, tokenizer, micro, rank, world_size, seed, eval_max_bat
         )
     val = BlockDataset(np.concatenate(blocks), cfg.block_size)
     train_loader = DataLoader(train, batch_size=micro, drop_last=True, **common)
-    eval_loader = DataLoader(
-        val, batch_size=micro, sampler=ShardedSampler(len(val), rank, world_size, 0, False), **common
-    )
+    eval_loader = ordered_loader(val, micro, rank, world_size, common)
     logger.info(
         "data: streaming from %d source(s); %d validation blocks held in memory", len(cfg.train_sources()), len(val)
     )
