@@ -6,6 +6,11 @@ resolved configs, the tokenizer, a manifest). After every rank has written its s
 writes ``COMPLETE`` (the list of files and their sizes) and only then moves the ``latest``
 pointer, atomically. A folder without ``COMPLETE`` is never resumed from. Loading reads JSON and
 DeepSpeed's own files; nothing of ours is unpickled.
+
+A checkpoint resumes on another number of ranks with the same global batch (``fit_world_size``).
+DeepSpeed's ZeRO shards are per rank: they are converted once, by DeepSpeed's ``ds_to_universal``,
+into its universal form (per-parameter fp32 weights and optimizer states) under ``<tag>/universal/``,
+which any number of ranks loads (``"checkpoint": {"load_universal": true}``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,7 @@ logger = logging.getLogger("llm_ds")
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 OURS = "llm_ds"
+UNIVERSAL = "universal"  # DeepSpeed's universal form of a checkpoint, inside it
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -253,16 +261,9 @@ def verify(path: Path, previous: Path | None) -> dict[str, Any]:
     return mark
 
 
-def check_compatible(path: Path, cfg: RunConfig, world_size: int, tokenizer) -> None:
-    """Refuse a checkpoint of another model shape, tokenizer or world size, naming what differs."""
+def check_compatible(path: Path, cfg: RunConfig, tokenizer) -> None:
+    """Refuse a checkpoint of another model shape, tokenizer or block size, naming what differs."""
     ours = path / OURS
-    mark = json.loads((path / COMPLETE).read_text())
-    if mark["world_size"] != world_size:
-        raise ConfigError(
-            f"checkpoint {path} was written by {mark['world_size']} rank(s) and this run has {world_size}; "
-            f"resume with {mark['world_size']} rank(s) (the data position and optimizer shards are per rank), "
-            f"or start a new run from its weights: llm-ds export {path} OUT and --set model.init_from=OUT"
-        )
     import yaml
 
     saved = yaml.safe_load((ours / "config.yaml").read_text())
@@ -289,12 +290,133 @@ def check_compatible(path: Path, cfg: RunConfig, world_size: int, tokenizer) -> 
 
 
 def load(engine, path: Path, rank: int) -> dict[str, Any]:
-    """Load DeepSpeed's shards and this rank's RNG state; return our saved training state."""
+    """Load DeepSpeed's state (its universal form when ``path`` was written by another number of ranks) and
+    this rank's RNG state; return our saved training state, its data position for this world size."""
+    import torch.distributed as dist
+
+    world_size, saved = dist.get_world_size(), saved_world_size(path)
+    load_dir, tag = (path, UNIVERSAL) if needs_universal(path, world_size) else (path.parent, path.name)
     load_path, _ = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
         raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
+    if tag == UNIVERSAL and engine.zero_optimization_stage() == 3:
+        _complete_zero3_universal_load(engine.optimizer, path / UNIVERSAL / "zero" / "optimizer_state.pt")
     ours = path / OURS
-    set_rng_state(json.loads((ours / f"rng_rank{rank}.json").read_text()))
-    return json.loads((ours / "state.json").read_text())
+    # Ranks beyond the saved ones take a saved rank's RNG state: without dropout nothing draws from it.
+    set_rng_state(json.loads((ours / f"rng_rank{rank % saved}.json").read_text()))
+    state = json.loads((ours / "state.json").read_text())
+    data = state["data"]
+    samples = int(data["consumed"]) * saved  # of this epoch, all ranks together
+    if samples % world_size:
+        raise CheckpointError(
+            f"checkpoint {path}: its data position ({samples} samples into epoch {data['epoch']}) cannot be "
+            f"shared by {world_size} rank(s)"
+        )
+    state["data"] = {**data, "consumed": samples // world_size}
+    return state
+
+
+def _complete_zero3_universal_load(optimizer, saved: Path) -> None:
+    """What DeepSpeed's ZeRO-3 universal load gets wrong: it gives every parameter group the first group's
+    settings (weight decay on biases and norms too) and one shared Adam step counter, which the optimizer
+    then advances once per group each step (the second group's bias correction runs ahead)."""
+    import torch
+
+    groups = torch.load(saved, map_location="cpu", weights_only=False)["optimizer_state_dict"]["param_groups"]
+    if len(groups) != len(optimizer.optimizer.param_groups):
+        raise CheckpointError(
+            f"checkpoint {saved.parent.parent.parent}: {len(groups)} optimizer parameter groups, this run has "
+            f"{len(optimizer.optimizer.param_groups)}"
+        )
+    for group, kept in zip(optimizer.optimizer.param_groups, groups, strict=True):
+        group.update({k: v for k, v in kept.items() if k != "params"})
+    for flat in optimizer.fp32_partitioned_groups_flat:
+        state = optimizer.optimizer.state[flat]
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+# ---- another world size ------------------------------------------------------------------------
+
+
+def saved_world_size(path: Path) -> int:
+    return int(json.loads((path / COMPLETE).read_text())["world_size"])
+
+
+def saved_global_batch(path: Path) -> int:
+    """Sequences per optimizer step of the run that wrote ``path``."""
+    return int(json.loads((path / OURS / "ds_config.json").read_text())["train_batch_size"])
+
+
+def fit_world_size(path: Path, cfg: RunConfig, world_size: int) -> tuple[RunConfig, str | None]:
+    """The run config that resumes ``path`` on ``world_size`` ranks with the checkpoint's global batch, and a
+    line saying what changed (None: the checkpoint's own world size, nothing changes).
+
+    ``train.grad_accum_steps`` becomes global batch / (``train.micro_batch_size`` x ranks); where that does
+    not divide, ``ConfigError`` gives the numbers and a setting that works.
+    """
+    saved = saved_world_size(path)
+    if saved == world_size:
+        return cfg, None
+    where = f"checkpoint {path} was written by {saved} rank(s) and this run has {world_size}"
+    if cfg.data.streaming:
+        raise ConfigError(
+            f"{where}: data.streaming deals documents to ranks, so a streamed run resumes only on {saved} "
+            f"rank(s); or start a new run from its weights: llm-ds export {path} OUT and --set model.init_from=OUT"
+        )
+    batch, micro = saved_global_batch(path), cfg.train.micro_batch_size
+    per_rank, rest = divmod(batch, world_size)
+    if rest:
+        fits = ", ".join(str(n) for n in range(1, batch + 1) if batch % n == 0)
+        raise ConfigError(
+            f"{where}: its global batch of {batch} sequences cannot be shared by {world_size} rank(s); "
+            f"resume on a number of ranks that divides {batch} ({fits})"
+        )
+    accum, rest = divmod(per_rank, micro)
+    if rest:
+        fits = max(n for n in range(1, micro + 1) if per_rank % n == 0)
+        raise ConfigError(
+            f"{where}: its global batch of {batch} sequences is {per_rank} per rank, which "
+            f"train.micro_batch_size={micro} does not divide; resume with --set train.micro_batch_size={fits} "
+            f"(train.grad_accum_steps becomes {per_rank // fits})"
+        )
+    before = cfg.train.grad_accum_steps
+    fitted = replace(cfg, train=replace(cfg.train, grad_accum_steps=accum))
+    return fitted, (
+        f"on {world_size} rank(s) (was {saved}): grad_accum_steps {before} -> {accum}, global batch {batch} kept"
+    )
+
+
+def needs_universal(path: Path, world_size: int) -> bool:
+    """Whether ``path`` holds ZeRO shards of another number of ranks (without ZeRO, the optimizer state is whole
+    and loads on any number of ranks)."""
+    return saved_world_size(path) != world_size and any(path.glob("*_optim_states.pt"))
+
+
+def make_universal(path: Path) -> Path:
+    """DeepSpeed's universal form of checkpoint ``path``, made once (by one process) in ``path/universal``."""
+    target = path / UNIVERSAL
+    if (target / COMPLETE).is_file():
+        return target
+    tmp = path / f".{UNIVERSAL}.tmp"
+    for old in (tmp, target):
+        shutil.rmtree(old, ignore_errors=True)
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+           "--output_folder", str(tmp), "--inject_missing_state",
+           "--num_extract_workers", workers, "--num_merge_workers", workers]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    (path / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; we name the folder
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lines = [x for x in (proc.stderr + proc.stdout).splitlines() if x.strip()]
+        raise CheckpointError(
+            f"checkpoint {path}: DeepSpeed's ds_to_universal could not convert it for another world size "
+            f"({lines[-1] if lines else f'exit status {proc.returncode}'})"
+        )
+    _write_json(tmp / COMPLETE, {"source": path.name, "seconds": time.perf_counter() - start})
+    os.replace(tmp, target)
+    return target

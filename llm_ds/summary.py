@@ -44,6 +44,8 @@ class RunSummary:
     seconds_to_first_step: float | None
     resumed_from: str | None
     resumed_at_step: int
+    resumed_from_world_size: int | None  # the ranks that wrote the checkpoint resumed from
+    grad_accum_steps: int  # this process's: a resume on another world size changes it, the global batch stays
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,6 +23,7 @@ from llm_ds.config import IGNORE_INDEX, ConfigError, RunConfig, dump_run_config
 from llm_ds.ds_config import (
     check_job,
     ds_config_source,
+    global_batch_size,
     load_ds_template,
     resolve_ds_config,
     resolve_precision,
@@ -76,8 +77,7 @@ def compute_total_steps(cfg: RunConfig, n_train_samples: int | None, world_size:
         return cfg.train.max_steps
     if n_train_samples is None:
         raise ConfigError("data.streaming has no known length: set train.max_steps instead of train.epochs")
-    per_rank_batches = (n_train_samples // world_size) // cfg.train.micro_batch_size
-    steps_per_epoch = per_rank_batches // cfg.train.grad_accum_steps
+    steps_per_epoch = n_train_samples // global_batch_size(cfg, world_size)
     if steps_per_epoch == 0:
         raise ConfigError(
             f"one epoch of {n_train_samples} samples is less than one global batch; "
@@ -119,6 +119,7 @@ class Trainer:
         handle_signals: bool = False,
         started_at: float | None = None,
     ):
+        from llm_ds.checkpoint import find_resume_point, fit_world_size
         from llm_ds.distributed import dist_env, init_distributed
         from llm_ds.monitor.logs import setup_logging
 
@@ -129,12 +130,15 @@ class Trainer:
         self.cfg, self.callbacks, self.handle_signals = cfg, list(callbacks), handle_signals
         self.ds_source = ds_config_source(ds_config)
         template = load_ds_template(ds_config)
-        _, self.local_rank, world_size = dist_env()
-        check_job(cfg, template, world_size, self.ds_source)  # before any rank does data or model work
-
+        _, self.local_rank, _ = dist_env()
         init_distributed()
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         setup_logging(self.rank)
+        self.resume_from = find_resume_point(cfg)
+        self.resize_note = None  # what resuming on another number of ranks changed
+        if self.resume_from is not None:
+            self.cfg, self.resize_note = fit_world_size(self.resume_from, cfg, self.world_size)
+        check_job(self.cfg, template, self.world_size, self.ds_source)  # before any data or model work
         seed_everything(cfg.train.seed)
         self._build(template, model, tokenizer, train_dataset, eval_dataset)
 
@@ -145,7 +149,6 @@ class Trainer:
         import psutil
         from deepspeed.accelerator import get_accelerator
 
-        from llm_ds.checkpoint import find_resume_point
         from llm_ds.hardware import device_precisions, peak_tflops, set_matmul_precision
         from llm_ds.model import build_tokenizer, count_parameters, param_groups
         from llm_ds.monitor.metrics import redact, reset_peak_rss
@@ -156,6 +159,8 @@ class Trainer:
         if tokenizer is None and needs_tokenizer:
             tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.tokenizer = tokenizer
+        if self.resume_from is not None:
+            self._check_resume_point()
         loaders = self._build_loaders(train_dataset, eval_dataset, pin_memory=accel.device_name() != "cpu")
         self.train_loader, self.eval_loader = loaders.train, loaders.eval
         self.total_steps = compute_total_steps(cfg, loaders.n_train_samples, self.world_size)
@@ -195,13 +200,12 @@ class Trainer:
         module = self._build_model(model)
         self.n_params = count_parameters(module)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=param_groups(module, cfg.train.weight_decay), config=self.ds_config
+            model=module,
+            model_parameters=param_groups(module, cfg.train.weight_decay),
+            config=self._engine_config(),
         )
         if cfg.train.compile:
             self.engine.compile()  # compiled lazily, on the first forward
-        self.resume_from = find_resume_point(cfg)
-        if self.resume_from is not None:
-            self._check_resume_point()
 
         self.state = TrainState()
         self.tokens_per_step = self.ds_config["train_batch_size"] * cfg.data.block_size
@@ -236,6 +240,7 @@ class Trainer:
                 seed,
                 cfg.data.num_workers,
                 pin_memory,
+                grad_accum_steps=cfg.train.grad_accum_steps,
             )
         loaders = build_loaders(
             cfg.data,
@@ -247,6 +252,7 @@ class Trainer:
             seed,
             cfg.train.eval_max_batches,
             pin_memory=pin_memory,
+            grad_accum_steps=cfg.train.grad_accum_steps,
         )
         if eval_dataset is not None:
             loader_args = {"collate_fn": collate, "num_workers": cfg.data.num_workers, "pin_memory": pin_memory}
@@ -303,7 +309,35 @@ class Trainer:
         complete, _ = list_checkpoints(self.resume_from.parent)
         earlier = [c for c in complete if step_of(c) < step_of(self.resume_from)]
         verify(self.resume_from, earlier[-1] if earlier else None)
-        check_compatible(self.resume_from, self.cfg, self.world_size, self.tokenizer)
+        check_compatible(self.resume_from, self.cfg, self.tokenizer)
+
+    def _engine_config(self) -> dict[str, Any]:
+        """The DeepSpeed config the engine is built with: ours, plus ``load_universal`` where the checkpoint
+        resumed from holds another world size's ZeRO shards (converted here, once, by rank 0)."""
+        from llm_ds.checkpoint import CheckpointError, make_universal, needs_universal
+
+        if self.resume_from is None or not needs_universal(self.resume_from, self.world_size):
+            return self.ds_config
+        error = None
+        if self.rank == 0:
+            start = time.perf_counter()
+            try:
+                make_universal(self.resume_from)
+                logger.info(
+                    "%s: ZeRO-%d shards of another world size, loaded through DeepSpeed's universal checkpoint "
+                    "(%s, %.1f s)",
+                    self.resume_from,
+                    zero_stage(self.ds_config),
+                    self.resume_from / "universal",
+                    time.perf_counter() - start,
+                )
+            except CheckpointError as exc:
+                error = str(exc)
+        answer = [error]
+        torch.distributed.broadcast_object_list(answer, src=0)  # every rank waits for the conversion
+        if answer[0] is not None:
+            raise CheckpointError(answer[0])
+        return {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True}}
 
     # ---- the step, the loss, evaluation ----------------------------------------------------------
 
@@ -375,6 +409,7 @@ class Trainer:
         if self._manifest is None:
             self._manifest = checkpoint.build_manifest(self.world_size, self.started_at, self.tokenizer)
         state = {**self.training_state(), "wandb_run_id": self.monitor.wandb_run_id() if self.monitor else None}
+        start = time.perf_counter()
         path = checkpoint.save(
             self.engine,
             self.cfg,
@@ -386,7 +421,7 @@ class Trainer:
             self.ds_config,
             self.tokenizer,
         )
-        logger.info("saved checkpoint %s", path)
+        logger.info("saved checkpoint %s in %.1f s", path, time.perf_counter() - start)
         self._callback("on_save", path)
         return path
 
@@ -424,7 +459,13 @@ class Trainer:
             self.restore(resumed)
             if self.state.step >= self.total_steps:
                 return self._finished_already()
-            logger.info("resuming from %s at step %d of %d", self.resume_from, self.state.step, self.total_steps)
+            logger.info(
+                "resuming from %s at step %d of %d%s",
+                self.resume_from,
+                self.state.step,
+                self.total_steps,
+                f" {self.resize_note}" if self.resize_note else "",
+            )
         self._open(resumed)
         try:
             summary = self._loop(resume_step=self.state.step)
@@ -476,6 +517,8 @@ class Trainer:
         return json.loads(path.read_text()) if path.is_file() else {"steps": self.state.step}
 
     def _loop(self, resume_step: int) -> dict[str, Any]:
+        from llm_ds.checkpoint import saved_world_size
+
         cfg, state = self.cfg, self.state
         log_every, eval_every, ckpt_every = cfg.logging.log_interval, cfg.train.eval_interval, cfg.checkpoint.interval
         self.engine.train()
@@ -563,6 +606,8 @@ class Trainer:
             seconds_to_first_step=self.first_step_at - self.started_at if self.first_step_at else None,
             resumed_from=str(self.resume_from) if self.resume_from else None,
             resumed_at_step=resume_step,
+            resumed_from_world_size=saved_world_size(self.resume_from) if self.resume_from else None,
+            grad_accum_steps=cfg.train.grad_accum_steps,
         ).to_dict()
 
     def _stop_pending(self) -> bool:

@@ -96,21 +96,33 @@ class ShardedSampler(Sampler[int]):
     """Each rank's share of one seeded permutation per epoch, resumable mid-epoch.
 
     Rank ``r`` takes positions ``r, r + W, r + 2W, ...`` of the epoch's permutation, so the
-    first ``B * W`` positions form the first global batch whatever ``W`` is: one rank with a
-    global batch ``B * W`` sees the same samples per step as ``W`` ranks with ``B`` each.
-    The tail that does not fill a whole round of ranks is dropped.
+    first ``G`` positions form the first global batch of ``G`` sequences whatever ``W`` is: one
+    rank accumulating ``G`` sequences sees the same samples per step as ``W`` ranks with ``G / W``
+    each. The tail that does not fill a whole round (``round_size``: the global batch; default
+    one sample per rank) is dropped, so an epoch holds the same whole steps on any world size.
     """
 
-    def __init__(self, n_samples: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
-        if n_samples < world_size:
-            raise DataError(f"{n_samples} samples cannot be shared among {world_size} ranks")
+    def __init__(
+        self,
+        n_samples: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+        round_size: int | None = None,
+    ):
+        round_size = round_size or world_size
+        if round_size % world_size:
+            raise ValueError(f"round_size={round_size} is not a multiple of world_size={world_size}")
+        if n_samples < round_size:
+            raise DataError(f"{n_samples} samples are fewer than one round of {round_size} across {world_size} ranks")
         self.n_samples, self.rank, self.world_size = n_samples, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.round_size = seed, shuffle, round_size
         self.epoch = 0
         self.consumed = 0  # iteration starts after this many samples of the epoch
 
     def __len__(self) -> int:
-        return self.n_samples // self.world_size
+        return self.n_samples // self.round_size * self.round_size // self.world_size
 
     def indices(self) -> np.ndarray:
         if self.shuffle:
@@ -233,8 +245,10 @@ def build_loaders(
     seed: int,
     eval_max_batches: int | None,
     pin_memory: bool = False,
+    grad_accum_steps: int = 1,
 ) -> Loaders:
-    """The train and validation loaders for this rank."""
+    """The train and validation loaders for this rank; an epoch is a whole number of global batches of
+    ``micro_batch_size * grad_accum_steps * world_size`` sequences."""
     common = {"collate_fn": collate, "pin_memory": pin_memory, "num_workers": cfg.num_workers}
     if cfg.num_workers:
         common["persistent_workers"] = False
@@ -250,12 +264,13 @@ def build_loaders(
         train, val = (
             PaddedDataset(arrays[s], arrays[f"{s}_lengths"], cfg.block_size, pad_id) for s in ("train", "val")
         )
-    _check_sizes(cfg, info, len(train), len(val), world_size, micro_batch_size)
+    global_batch = micro_batch_size * grad_accum_steps * world_size
+    _check_sizes(cfg, info, len(train), len(val), world_size, global_batch)
     train_loader = DataLoader(
         train,
         batch_size=micro_batch_size,
         drop_last=True,
-        sampler=ShardedSampler(len(train), rank, world_size, seed),
+        sampler=ShardedSampler(len(train), rank, world_size, seed, round_size=global_batch),
         **common,
     )
     eval_loader = ordered_loader(val, micro_batch_size, rank, world_size, common)
@@ -272,6 +287,7 @@ def build_dataset_loaders(
     seed: int,
     num_workers: int = 0,
     pin_memory: bool = False,
+    grad_accum_steps: int = 1,
 ) -> Loaders:
     """Loaders over the user's datasets: any map-style dataset (a torch ``Dataset``, a ``datasets.Dataset``)
     whose items are dicts with ``input_ids`` of ``block_size`` tokens and optionally ``labels`` and
@@ -282,16 +298,18 @@ def build_dataset_loaders(
     """
     common = {"collate_fn": collate, "pin_memory": pin_memory, "num_workers": num_workers}
     _check_dataset(train_dataset, "train_dataset", block_size)
-    if len(train_dataset) < world_size * micro_batch_size:
+    global_batch = micro_batch_size * grad_accum_steps * world_size
+    if len(train_dataset) < global_batch:
         raise DataError(
-            f"train_dataset has {len(train_dataset)} samples, fewer than one global batch "
-            f"({world_size} ranks x {micro_batch_size}); add data or lower train.micro_batch_size"
+            f"train_dataset has {len(train_dataset)} samples, fewer than one global batch of {global_batch} "
+            f"({world_size} ranks x {micro_batch_size} x {grad_accum_steps} accumulated); add data or lower "
+            f"train.micro_batch_size or train.grad_accum_steps"
         )
     train = DataLoader(
         train_dataset,
         batch_size=micro_batch_size,
         drop_last=True,
-        sampler=ShardedSampler(len(train_dataset), rank, world_size, seed),
+        sampler=ShardedSampler(len(train_dataset), rank, world_size, seed, round_size=global_batch),
         **common,
     )
     evaluation = None
@@ -360,13 +378,13 @@ def _agreed_hub_commits(cfg: DataConfig, rank: int) -> DataConfig:
     )
 
 
-def _check_sizes(cfg: DataConfig, info: dict, n_train: int, n_val: int, world_size: int, micro: int) -> None:
+def _check_sizes(cfg: DataConfig, info: dict, n_train: int, n_val: int, world_size: int, global_batch: int) -> None:
     unit = "blocks of data.block_size" if cfg.packing else "documents of at least 2 tokens"
-    if n_train < world_size * micro:
+    if n_train < global_batch:
         raise DataError(
             f"the train split has {info['train_tokens']:,} tokens in {info['train_docs']:,} documents: "
-            f"{n_train} {unit}={cfg.block_size}, fewer than one global batch ({world_size} ranks x "
-            f"{micro}); add data or lower data.block_size or train.micro_batch_size"
+            f"{n_train} {unit}={cfg.block_size}, fewer than one global batch of {global_batch} ({world_size} "
+            f"rank(s)); add data or lower data.block_size, train.micro_batch_size or train.grad_accum_steps"
         )
     if n_val < world_size:
         raise DataError(

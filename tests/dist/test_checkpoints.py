@@ -128,17 +128,16 @@ def test_truncated_shard_is_named_and_the_previous_checkpoint_still_works(finish
 @pytest.mark.parametrize(
     "change, ranks, expected",
     [
-        ([], None, "was written by 2 rank(s) and this run has 1; resume with 2 rank(s)"),
+        (["--set", "train.micro_batch_size=3"], None, "was written by 2 rank(s) and this run has 1: its global "
+         "batch of 8 sequences is 8 per rank, which train.micro_batch_size=3 does not divide; resume with "
+         "--set train.micro_batch_size=2 (train.grad_accum_steps becomes 4)"),
         (["--set", "model.n_layer=2"], 2, "model.n_layer: 4 in the checkpoint, 2 now"),
         (["--set", "data.block_size=32"], 2, "data.block_size: 64 in the checkpoint, 32 now"),
     ],
 )
 def test_mismatched_resume_is_refused(finished, tmp_path, data_cache, change, ranks, expected):
     out = copy_run(finished, tmp_path / "run")
-    args = base_args(out, data_cache, steps=40)
-    if ranks is None:
-        args += ["--set", "train.micro_batch_size=8"]
-    proc = run_driver(args + change, ranks=ranks)
+    proc = run_driver(base_args(out, data_cache, steps=40) + change, ranks=ranks)
     assert proc.returncode != 0 and "| epoch" not in proc.stdout
     assert expected in proc.stderr, proc.stderr[-2000:]
 

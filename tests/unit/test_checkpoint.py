@@ -6,12 +6,13 @@ from llm_ds.checkpoint import (
     COMPLETE,
     CheckpointError,
     find_resume_point,
+    fit_world_size,
     list_checkpoints,
     rng_state,
     set_rng_state,
     verify,
 )
-from llm_ds.config import load_run_config
+from llm_ds.config import ConfigError, load_run_config
 
 
 def fake_checkpoint(ckpt_dir, step, complete=True, files=None):
@@ -82,3 +83,41 @@ def test_rng_state_round_trips_through_json():
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def resized(tmp_path, world_size, *overrides, saved_ranks=2, global_batch=8):
+    tag = fake_checkpoint(tmp_path / "ckpt", 10)
+    (tag / COMPLETE).write_text(json.dumps({"step": 10, "world_size": saved_ranks, "files": {}}))
+    (tag / "llm_ds").mkdir()
+    (tag / "llm_ds" / "ds_config.json").write_text(json.dumps({"train_batch_size": global_batch}))
+    cfg = load_run_config(None, ["train.micro_batch_size=4", "train.grad_accum_steps=1", *overrides])
+    return fit_world_size(tag, cfg, world_size)
+
+
+@pytest.mark.parametrize("world_size, accum", [(1, 2), (2, 1)])
+def test_another_world_size_keeps_the_global_batch(tmp_path, world_size, accum):
+    cfg, note = resized(tmp_path, world_size)
+    assert cfg.train.grad_accum_steps == accum
+    if world_size == 2:
+        assert note is None  # the checkpoint's own world size: nothing changes
+    else:
+        assert note == "on 1 rank(s) (was 2): grad_accum_steps 1 -> 2, global batch 8 kept"
+
+
+@pytest.mark.parametrize(
+    "world_size, overrides, expected",
+    [
+        (3, [], "its global batch of 8 sequences cannot be shared by 3 rank(s); resume on a number of ranks "
+                "that divides 8 (1, 2, 4, 8)"),
+        (4, [], "is 2 per rank, which train.micro_batch_size=4 does not divide; resume with --set "
+                "train.micro_batch_size=2 (train.grad_accum_steps becomes 1)"),
+        (1, ["data.streaming=true"], "data.streaming deals documents to ranks, so a streamed run resumes only on 2"),
+    ],
+)  # fmt: skip
+def test_a_world_size_the_global_batch_does_not_fit_is_refused_with_what_works(
+    tmp_path, world_size, overrides, expected
+):
+    with pytest.raises(ConfigError) as err:
+        resized(tmp_path, world_size, *overrides)
+    assert f"was written by 2 rank(s) and this run has {world_size}" in str(err.value)
+    assert expected in str(err.value)

@@ -43,6 +43,26 @@ def test_global_batches_do_not_depend_on_world_size():
         assert set(one[step * 2 * micro : (step + 1) * 2 * micro]) == global_two
 
 
+@pytest.mark.parametrize("n", [100, 103, 111])
+def test_an_epoch_is_whole_global_batches_on_any_world_size(n):
+    """Epochs end on the same sample on 1, 2 or 4 ranks with one global batch of 8, so a resume on another
+    world size continues across epoch ends exactly."""
+    epochs = {}
+    for world_size in (1, 2, 4):
+        for epoch in (0, 1):
+            shards = []
+            for r in range(world_size):
+                sampler = ShardedSampler(n, r, world_size, seed=3, round_size=8)
+                sampler.epoch = epoch
+                shards.append(sampler.indices())
+            steps = [sorted(np.concatenate([s[i : i + 8 // world_size] for s in shards]).tolist())
+                     for i in range(0, len(shards[0]), 8 // world_size)]  # fmt: skip
+            epochs.setdefault(epoch, []).append(steps)
+    for steps in epochs.values():
+        assert steps[0] == steps[1] == steps[2]
+        assert len(steps[0]) == n // 8 and all(len(s) == 8 for s in steps[0])
+
+
 def test_collate_labels_are_the_inputs():
     batch = collate_blocks([torch.arange(4), torch.arange(5, 9)])
     assert batch["input_ids"].shape == (2, 4) and torch.equal(batch["labels"], batch["input_ids"])
