@@ -352,16 +352,19 @@ def saved_global_batch(path: Path) -> int:
 
 def fit_world_size(path: Path, cfg: RunConfig, world_size: int) -> tuple[RunConfig, str | None]:
     """The run config that resumes ``path`` on ``world_size`` ranks with the checkpoint's global batch, and a
-    line saying what changed (None: the checkpoint's own world size, nothing changes).
+    line saying what changed (None: nothing).
 
-    ``train.grad_accum_steps`` becomes global batch / (``train.micro_batch_size`` x ranks); where that does
-    not divide, ``ConfigError`` gives the numbers and a setting that works.
+    ``train.grad_accum_steps`` becomes global batch / (``train.micro_batch_size`` x ranks), also on the
+    checkpoint's own world size (a run restarted on fewer ranks and then resumed again keeps its batch);
+    where that does not divide, ``ConfigError`` gives the numbers and a setting that works.
     """
     saved = saved_world_size(path)
-    if saved == world_size:
-        return cfg, None
-    where = f"checkpoint {path} was written by {saved} rank(s) and this run has {world_size}"
-    if cfg.data.streaming:
+    where = (
+        f"checkpoint {path} was written by {saved} rank(s) and this run has {world_size}"
+        if saved != world_size
+        else f"checkpoint {path}"
+    )
+    if cfg.data.streaming and saved != world_size:
         raise ConfigError(
             f"{where}: data.streaming deals documents to ranks, so a streamed run resumes only on {saved} "
             f"rank(s); or start a new run from its weights: llm-ds export {path} OUT and --set model.init_from=OUT"
@@ -383,10 +386,11 @@ def fit_world_size(path: Path, cfg: RunConfig, world_size: int) -> tuple[RunConf
             f"(train.grad_accum_steps becomes {per_rank // fits})"
         )
     before = cfg.train.grad_accum_steps
+    if accum == before and saved == world_size:
+        return cfg, None
     fitted = replace(cfg, train=replace(cfg.train, grad_accum_steps=accum))
-    return fitted, (
-        f"on {world_size} rank(s) (was {saved}): grad_accum_steps {before} -> {accum}, global batch {batch} kept"
-    )
+    ranks = f"on {world_size} rank(s) (was {saved})" if saved != world_size else f"on {world_size} rank(s)"
+    return fitted, f"{ranks}: grad_accum_steps {before} -> {accum}, global batch {batch} kept"
 
 
 def needs_universal(path: Path, world_size: int) -> bool:

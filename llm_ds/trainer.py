@@ -119,7 +119,7 @@ class Trainer:
         handle_signals: bool = False,
         started_at: float | None = None,
     ):
-        from llm_ds.checkpoint import find_resume_point, fit_world_size
+        from llm_ds.checkpoint import find_resume_point, fit_world_size, saved_world_size
         from llm_ds.distributed import dist_env, init_distributed
         from llm_ds.monitor.logs import setup_logging
 
@@ -135,9 +135,11 @@ class Trainer:
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         setup_logging(self.rank)
         self.resume_from = find_resume_point(cfg)
-        self.resize_note = None  # what resuming on another number of ranks changed
+        self.resize_note = None  # what resuming with the checkpoint's global batch changed
+        self.resumed_from_world_size = None
         if self.resume_from is not None:
             self.cfg, self.resize_note = fit_world_size(self.resume_from, cfg, self.world_size)
+            self.resumed_from_world_size = saved_world_size(self.resume_from)
         check_job(self.cfg, template, self.world_size, self.ds_source)  # before any data or model work
         seed_everything(cfg.train.seed)
         self._build(template, model, tokenizer, train_dataset, eval_dataset)
@@ -517,8 +519,6 @@ class Trainer:
         return json.loads(path.read_text()) if path.is_file() else {"steps": self.state.step}
 
     def _loop(self, resume_step: int) -> dict[str, Any]:
-        from llm_ds.checkpoint import saved_world_size
-
         cfg, state = self.cfg, self.state
         log_every, eval_every, ckpt_every = cfg.logging.log_interval, cfg.train.eval_interval, cfg.checkpoint.interval
         self.engine.train()
@@ -606,7 +606,7 @@ class Trainer:
             seconds_to_first_step=self.first_step_at - self.started_at if self.first_step_at else None,
             resumed_from=str(self.resume_from) if self.resume_from else None,
             resumed_at_step=resume_step,
-            resumed_from_world_size=saved_world_size(self.resume_from) if self.resume_from else None,
+            resumed_from_world_size=self.resumed_from_world_size,
             grad_accum_steps=cfg.train.grad_accum_steps,
         ).to_dict()
 

@@ -16,10 +16,10 @@ from tests.conftest import run_driver
 pytestmark = pytest.mark.dist
 
 
-def args_for(stage: int, out, data_cache, accum: int) -> list[str]:
+def args_for(stage: int, out, data_cache, accum: int, precision: str) -> list[str]:
     return ["--ds_config", f"ds_configs/zero{stage}.json", "--set", "data.block_size=64",
             "--set", "train.micro_batch_size=4", "--set", f"train.grad_accum_steps={accum}",
-            "--set", "train.max_steps=20", "--set", "train.warmup_steps=5", "--set", "train.precision=fp32",
+            "--set", "train.max_steps=20", "--set", "train.warmup_steps=5", "--set", f"train.precision={precision}",
             "--set", "train.eval_interval=0", "--set", "train.eval_max_batches=2", "--set", "logging.log_interval=2",
             "--set", "checkpoint.interval=10", "--set", "checkpoint.keep_last=0",
             "--set", f"train.output_dir={out}", "--set", f"data.cache_dir={data_cache}"]  # fmt: skip
@@ -39,22 +39,26 @@ def export(checkpoint, out) -> dict[str, torch.Tensor]:
     return {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
 
 
-# (ZeRO stage, ranks before, accumulation before, ranks after, accumulation after): one global batch of 8.
-CASES = [(2, 2, 1, 1, 2), (1, 1, 2, 2, 1), (3, 2, 1, 1, 2)]
+# (ZeRO stage, precision, ranks before, accumulation before, ranks after, accumulation after): a global batch of 8.
+CASES = {
+    "z2-2to1": (2, "fp32", 2, 1, 1, 2),
+    "z1-1to2": (1, "fp32", 1, 2, 2, 1),
+    "z3-2to1": (3, "fp32", 2, 1, 1, 2),
+    "z3-bf16-2to1": (3, "bf16", 2, 1, 1, 2),
+}
 
 
-@pytest.mark.parametrize("stage,before,accum_before,after,accum_after", CASES, ids=["z2-2to1", "z1-1to2", "z3-2to1"])
-def test_resume_on_another_world_size_continues_the_same_run(
-    tmp_path, data_cache, stage, before, accum_before, after, accum_after
-):
+@pytest.mark.parametrize("case", CASES)
+def test_resume_on_another_world_size_continues_the_same_run(tmp_path, data_cache, case):
+    stage, precision, before, accum_before, after, accum_after = CASES[case]
     whole, moved = tmp_path / "whole", tmp_path / "moved"
-    proc = run_driver(args_for(stage, whole, data_cache, accum_before), ranks=before)
+    proc = run_driver(args_for(stage, whole, data_cache, accum_before, precision), ranks=before)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (moved / "checkpoints").mkdir(parents=True)
     shutil.copytree(whole / "checkpoints" / "global_step10", moved / "checkpoints" / "global_step10")
 
     # The run config still says the old accumulation: the driver keeps the checkpoint's global batch.
-    proc = run_driver(args_for(stage, moved, data_cache, accum_before), ranks=after)
+    proc = run_driver(args_for(stage, moved, data_cache, accum_before, precision), ranks=after)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (
         f"at step 10 of 20 on {after} rank(s) (was {before}): grad_accum_steps {accum_before} -> {accum_after}, "
@@ -67,8 +71,8 @@ def test_resume_on_another_world_size_continues_the_same_run(
     )
     reference, resumed = losses(whole), losses(moved)
     assert sorted(resumed) == [s for s in sorted(reference) if s > 10]
-    for step, loss in resumed.items():
-        assert loss == pytest.approx(reference[step], rel=1e-4), f"step {step}"
+    for step, loss in resumed.items():  # bf16 rounds the sums of another grouping differently: 1e-5 measured
+        assert loss == pytest.approx(reference[step], rel=1e-4 if precision == "fp32" else 1e-3), f"step {step}"
 
     # The converted checkpoint and the one written after the move both export; the final weights agree.
     converted = export(moved / "checkpoints" / "global_step10", tmp_path / "hf10")
@@ -77,4 +81,6 @@ def test_resume_on_another_world_size_continues_the_same_run(
         moved / "checkpoints" / "global_step20", tmp_path / "b"
     )
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5, msg=name)
+        # bf16: an element whose gradient is mostly rounding noise may take a few Adam steps (lr 1e-3) the other way.
+        tolerance = {"rtol": 1e-3, "atol": 1e-5} if precision == "fp32" else {"rtol": 2e-2, "atol": 5e-3}
+        torch.testing.assert_close(a[name], b[name], **tolerance, msg=name)

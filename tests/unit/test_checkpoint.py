@@ -94,14 +94,19 @@ def resized(tmp_path, world_size, *overrides, saved_ranks=2, global_batch=8):
     return fit_world_size(tag, cfg, world_size)
 
 
-@pytest.mark.parametrize("world_size, accum", [(1, 2), (2, 1)])
-def test_another_world_size_keeps_the_global_batch(tmp_path, world_size, accum):
-    cfg, note = resized(tmp_path, world_size)
-    assert cfg.train.grad_accum_steps == accum
-    if world_size == 2:
-        assert note is None  # the checkpoint's own world size: nothing changes
-    else:
-        assert note == "on 1 rank(s) (was 2): grad_accum_steps 1 -> 2, global batch 8 kept"
+@pytest.mark.parametrize(
+    "world_size, overrides, accum, expected",
+    [
+        (1, [], 2, "on 1 rank(s) (was 2): grad_accum_steps 1 -> 2, global batch 8 kept"),
+        (2, [], 1, None),  # the checkpoint's own world size and batch: nothing changes
+        # A run restarted on fewer ranks and resumed again on as many keeps its batch, whatever --set says.
+        (2, ["train.grad_accum_steps=2"], 1, "on 2 rank(s): grad_accum_steps 2 -> 1, global batch 8 kept"),
+        (4, ["train.micro_batch_size=1"], 2, "on 4 rank(s) (was 2): grad_accum_steps 1 -> 2, global batch 8 kept"),
+    ],
+)
+def test_the_checkpoints_global_batch_is_kept(tmp_path, world_size, overrides, accum, expected):
+    cfg, note = resized(tmp_path, world_size, *overrides)
+    assert (cfg.train.grad_accum_steps, note) == (accum, expected)
 
 
 @pytest.mark.parametrize(
