@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -22,6 +21,7 @@ from launcher.command import (
     write_env_file,
 )
 from launcher.hostfile import HostfileError, parse_hostfile
+from launcher.supervise import Policy, supervise
 from llm_ds.flags import add_run_arguments
 
 if TYPE_CHECKING:
@@ -50,6 +50,28 @@ def launch_command_parser(subparsers) -> None:
         metavar="NAME",
         help="another environment variable to propagate; repeatable",
     )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="on a failure (a rank died, a node was lost), drop the hosts that do not answer over ssh and start "
+        "again from the latest checkpoint, at most N times (default 0: no restart)",
+    )
+    parser.add_argument(
+        "--min-nodes",
+        type=int,
+        default=1,
+        metavar="M",
+        help="give up when fewer than M hosts answer after a failure (default 1)",
+    )
+    parser.add_argument(
+        "--restart-delay",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait before a restart (default 10)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the command and environment, start nothing")
     parser.set_defaults(func=launch_command)
 
@@ -76,6 +98,7 @@ class CheckedJob(NamedTuple):
 def validate(args: argparse.Namespace) -> CheckedJob:
     """Every check, in the order a user would fix them; returns the spec, the loaded run config and
     DeepSpeed template, and the number of ranks."""
+    from llm_ds.checkpoint import find_resume_point, fit_world_size
     from llm_ds.config import ConfigError, load_run_config
     from llm_ds.ds_config import check_job, ds_config_source, load_ds_template, uses_nvme
 
@@ -104,8 +127,12 @@ def validate(args: argparse.Namespace) -> CheckedJob:
     ranks = world_size(spec)
     if ranks < 1:
         raise HostfileError(f"--include/--exclude leave no rank to run (hostfile {args.hostfile})")
+    _check_restart_policy(args, hosts)
     cfg = load_run_config(args.config, args.overrides)
     template = load_ds_template(args.ds_config)
+    point = find_resume_point(cfg)
+    if point is not None:  # the job resumes it: on another number of ranks, with the checkpoint's global batch
+        cfg, _ = fit_world_size(point, cfg, ranks)
     ds, _ = check_job(cfg, template, ranks, ds_config_source(args.ds_config))
     if uses_nvme(ds):
         nvme = cfg.nvme_dir
@@ -113,6 +140,22 @@ def validate(args: argparse.Namespace) -> CheckedJob:
         if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK):
             raise ConfigError(f"train.nvme_path={nvme}: not writable here ({probe} is the nearest existing path)")
     return CheckedJob(spec, cfg, template, ranks)
+
+
+def _check_restart_policy(args: argparse.Namespace, hosts) -> None:
+    max_restarts = getattr(args, "max_restarts", 0)
+    if max_restarts < 0:
+        raise HostfileError(f"--max-restarts {max_restarts}: give 0 (no restart) or more")
+    if getattr(args, "restart_delay", 0) < 0:
+        raise HostfileError(f"--restart-delay {args.restart_delay}: give 0 seconds or more")
+    min_nodes, n_hosts = getattr(args, "min_nodes", None), len(hosts) if hosts else 1
+    min_nodes = 1 if min_nodes is None else min_nodes
+    if not 1 <= min_nodes <= n_hosts:
+        raise HostfileError(f"--min-nodes {min_nodes}: the job has {n_hosts} node(s); give 1 to {n_hosts}")
+    if max_restarts and (args.include or args.exclude):
+        raise HostfileError(
+            "--max-restarts with --include/--exclude: write the hosts and slots to use into the hostfile"
+        )
 
 
 def launch_command(args: argparse.Namespace) -> int:
@@ -143,67 +186,5 @@ def launch_command(args: argparse.Namespace) -> int:
             print(f"{name}={redact(value) if not is_secret_name(name) else '***'}")
         return 0
     write_env_file(env_file, env)
-    run_env = {**os.environ, "DS_ENV_FILE": str(env_file)}
-    if spec.hostfile:
-        run_env["LLM_DS_HOSTFILE"] = str(spec.hostfile)
-    return run_supervised(argv, run_env, cfg.output_dir / "summary.json")
-
-
-def run_supervised(argv: list[str], env: dict[str, str], summary: Path, grace_s: float = 600.0) -> int:
-    """Run DeepSpeed's runner and return its status, forwarding SIGTERM and SIGINT.
-
-    The runner starts in a process group of its own, and a signal to this process goes to that whole
-    group: the runner, its launcher and the ranks on this node (which save at a step boundary and
-    stop; the runner stops the other nodes' ranks). This process then waits until every process of the
-    group has exited, so nothing is left training. DeepSpeed's launcher exits 1 after it stops its
-    ranks; when rank 0's summary says the run stopped on the signal (written after this launch began),
-    the stop was clean and the status is 0.
-    """
-    import signal
-    import time
-
-    started = time.time()
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
-    received: list[int] = []
-
-    def forward(signum, frame):
-        received.append(signum)
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        code = proc.wait()
-        deadline = time.time() + grace_s
-        while _group_alive(proc.pid) and time.time() < deadline:  # the ranks may still be saving
-            time.sleep(0.2)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if received and code != 0 and _stopped_on_signal(summary, started):
-        print(f"llm-ds launch: stopped on {signal.Signals(received[0]).name}, checkpoint saved", file=sys.stderr)
-        return 0
-    return code
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stopped_on_signal(summary: Path, since: float) -> bool:
-    import json
-
-    try:
-        if summary.stat().st_mtime < since:
-            return False
-        return bool(json.loads(summary.read_text()).get("stopped_by"))
-    except (OSError, ValueError):
-        return False
+    policy = Policy(args.max_restarts, args.min_nodes, args.restart_delay)
+    return supervise(spec, {**os.environ, "DS_ENV_FILE": str(env_file)}, cfg.output_dir, cfg.checkpoint_dir, policy)

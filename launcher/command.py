@@ -124,8 +124,12 @@ def build_command(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
         argv += ["--launcher", spec.launcher]
     if spec.launcher == "no-ssh":
         argv += ["--no_ssh", "--node_rank", str(spec.node_rank or 0)]
-    if spec.ssh_port is not None and spec.launcher == "pdsh":
-        argv += ["--ssh_port", str(spec.ssh_port)]
+    if spec.launcher == "pdsh":
+        if spec.ssh_port is not None:
+            argv += ["--ssh_port", str(spec.ssh_port)]
+        # The runner's own ssh check ignores the options pdsh uses (PDSH_SSH_ARGS_APPEND: a key, a config), so
+        # it can refuse hosts pdsh reaches; `llm-ds doctor` and the restart probe check with pdsh's options.
+        argv += ["--no_ssh_check"]
     if spec.master_addr:
         argv += ["--master_addr", spec.master_addr]
     if spec.master_port:

@@ -95,6 +95,7 @@ def test_commands_per_launcher(tmp_path):
     assert pdsh[:5] == ["py", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile)]
     assert pdsh[-3:] == [pdsh[-3], "--ds_config", "ds_configs/zero3.json"] and pdsh[-3].endswith("llm_ds/train.py")
     assert "--launcher" not in pdsh  # pdsh is the runner's default
+    assert "--no_ssh_check" in pdsh  # its check ignores PDSH_SSH_ARGS_APPEND; doctor checks with it
     assert build_command(LaunchSpec(**common, launcher="slurm"), "py")[5:7] == ["--launcher", "slurm"]
     assert build_command(LaunchSpec(**common, launcher="openmpi"), "py")[5:7] == ["--launcher", "openmpi"]
     no_ssh = build_command(
@@ -183,6 +184,9 @@ def test_dry_run_prints_the_command_and_masks_secrets(tmp_path, capsys, monkeypa
         ("a slots=2\nb slots=2\n", ["--ds_config", "{bad_batch}"], "train_batch_size=12 but"),
         ("a slots=2\nb slots=2\n", ["--ds_config", "{typo}"], "unknown top-level key `zero_optimisation`"),
         ("a slots=2\n", ["--launcher", "no-ssh"], "--launcher no-ssh needs --node_rank and --master_addr"),
+        ("a slots=2\nb slots=2\n", ["--min-nodes", "3"], "--min-nodes 3: the job has 2 node(s); give 1 to 2"),
+        ("a slots=2\n", ["--max-restarts", "-1"], "--max-restarts -1: give 0 (no restart) or more"),
+        ("a slots=2\nb slots=2\n", ["--max-restarts", "2", "--exclude", "b"], "with --include/--exclude: write"),
         (
             "a slots=2\n",
             ["--ds_config", "ds_configs/zero3_offload.json", "--set", "train.nvme_path={typo}/nvme"],
@@ -240,3 +244,19 @@ def test_the_ssh_port_reaches_the_runner_as_it_reads_it(tmp_path, capsys):
     assert "--ssh_port" not in build_command(LaunchSpec(hosts=[Host("node-a", 1), Host("node-b", 1)]))
     assert main(["launch", "--hostfile", str(hostfile), "--ssh-port", "2222", "--dry-run"]) == 0
     assert "--ssh_port 2222" in capsys.readouterr().out
+
+
+def test_a_launch_that_cannot_resume_its_checkpoint_on_these_ranks_stops_before_any_node(tmp_path, capsys):
+    import json
+
+    tag = tmp_path / "r" / "checkpoints" / "global_step10"
+    (tag / "llm_ds").mkdir(parents=True)
+    (tag / "COMPLETE").write_text(json.dumps({"step": 10, "world_size": 2, "files": {}}))
+    (tag / "llm_ds" / "ds_config.json").write_text(json.dumps({"train_batch_size": 8}))
+    (tmp_path / "hosts").write_text("a slots=3\n")
+    base = ["launch", "--hostfile", str(tmp_path / "hosts"), "--dry-run", "--set", f"train.output_dir={tmp_path}/r"]
+    assert main([*base, "--set", "train.micro_batch_size=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its global batch of 8 sequences cannot be shared by 3 rank(s)" in err[0], err
+    (tmp_path / "hosts").write_text("a slots=1\n")  # one rank: accumulation 2 keeps the global batch of 8
+    assert main([*base, "--set", "train.micro_batch_size=4"]) == 0
