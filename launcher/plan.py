@@ -10,7 +10,7 @@ from typing import Any
 from llm_ds.config import RunConfig
 from llm_ds.hardware import CARDS, find_card, has_native_bf16, local_gpu, peak_tflops
 from llm_ds.plan.render import breakdown, ds_config_for, table, write_plan
-from llm_ds.plan.search import plan, what_would_fit
+from llm_ds.plan.search import describe_fewer_nodes, on_fewer_nodes, plan, what_would_fit
 from llm_ds.plan.shapes import (
     DEFAULT_EFFICIENCY,
     Cluster,
@@ -48,6 +48,13 @@ def plan_command_parser(subparsers) -> None:
     parser.add_argument("--inter-node-gbs", type=float, default=25.0, help="GB/s per rank between nodes")
     parser.add_argument("--pcie-gbs", type=float, default=25.0, help="GB/s host <-> device")
     parser.add_argument("--nvme-gbs", type=float, default=3.0, help="GB/s NVMe per node")
+    parser.add_argument(
+        "--min-nodes",
+        type=int,
+        metavar="M",
+        help="also say whether the recommended setup fits, and how fast it runs, on M of the nodes with the same "
+        "global batch: whether the job can shrink to M nodes (llm-ds launch --min-nodes)",
+    )
     parser.add_argument("--write", metavar="PATH", help="write the recommended DeepSpeed config here")
     parser.add_argument("--json", action="store_true", help="print everything as JSON")
     parser.add_argument("--top", type=int, default=12, help="table rows (default 12)")
@@ -159,6 +166,9 @@ def plan_command(args) -> int:
     best = estimates[0] if estimates and estimates[0].fits else None
     hints = [] if best else what_would_fit(shape, cluster, global_batch, precision, template)
     run_values = _run_values(best) if best else {}
+    shrunk = None
+    if best and args.min_nodes is not None and args.min_nodes != nodes:
+        shrunk = on_fewer_nodes(shape, cluster, global_batch, precision, template, best, args.min_nodes)
     written = None
     if best and args.write:
         written = Path(args.write)
@@ -175,6 +185,7 @@ def plan_command(args) -> int:
                     "run_config": run_values,
                     "written": str(written) if written else None,
                     "hints": hints,
+                    "min_nodes": shrunk,
                     "candidates": [e.to_dict() for e in estimates],
                 },
                 indent=2,
@@ -206,6 +217,8 @@ def plan_command(args) -> int:
     )
     print(breakdown(best))
     print("run config: " + " ".join(f"--set {k}={v}" for k, v in run_values.items()))
+    if shrunk:
+        print(describe_fewer_nodes(shrunk))
     if written:
         print(f"wrote {written}")
     return 0

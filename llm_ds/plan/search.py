@@ -168,3 +168,56 @@ def what_would_fit(shape: ModelShape, cluster: Cluster, global_batch: int, preci
 def _brief(e: Estimate) -> str:
     c = e.candidate
     return f"{c.label()}, micro-batch {c.micro_batch}, {fmt_bytes(e.device_total)} per device, {e.step_s:.2f} s/step"
+
+
+def on_fewer_nodes(
+    shape: ModelShape,
+    cluster: Cluster,
+    global_batch: int,
+    precision: str,
+    template: dict[str, Any] | None,
+    best: Estimate,
+    nodes: int,
+) -> dict[str, Any]:
+    """The recommended setup on ``nodes`` of the cluster's nodes with the same global batch, as a job restarted
+    after losing nodes runs it: whether it fits, its step time against the whole cluster's, and where it does
+    not fit, the fastest setup that does there."""
+    small = Cluster(**{**asdict(cluster), "nodes": nodes})
+    out: dict[str, Any] = {"nodes": nodes, "world_size": small.world, "fits": False}
+    per_rank, rest = divmod(global_batch, small.world)
+    if rest or per_rank % best.candidate.micro_batch:
+        out["limits"] = [
+            f"the global batch of {global_batch} at micro-batch {best.candidate.micro_batch} cannot be shared by "
+            f"{small.world} ranks"
+        ]
+        return out
+    same = estimate(shape, best.candidate, small, global_batch, precision, template)
+    out.update(
+        fits=same.fits,
+        step_s=same.step_s,
+        slowdown=same.step_s / best.step_s,
+        grad_accum=same.grad_accum,
+        device_margin=same.margin.get("device"),
+        limits=same.limits,
+    )
+    if not same.fits:
+        fits = [e for e in plan(shape, small, global_batch, precision, template) if e.fits]
+        out["instead"] = _brief(fits[0]) if fits else None
+    return out
+
+
+def describe_fewer_nodes(result: dict[str, Any]) -> str:
+    """One line for ``on_fewer_nodes``'s answer."""
+    where = f"on {result['nodes']} node(s) ({result['world_size']} ranks, the same global batch)"
+    if result["fits"]:
+        return (
+            f"{where}: fits, device margin {result['device_margin']:.0%}, {result['step_s']:.3f} s/step "
+            f"({result['slowdown']:.2f}x), train.grad_accum_steps {result['grad_accum']}: the job can shrink to it"
+        )
+    why = "; ".join(result.get("limits") or ["does not fit"])
+    if "step_s" not in result:
+        return f"{where}: the job cannot resume there ({why})"
+    instead = result.get("instead")
+    return f"{where}: the recommended setup does not fit ({why}); " + (
+        f"fastest that fits there: {instead}" if instead else "nothing fits there"
+    )
