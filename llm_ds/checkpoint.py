@@ -97,6 +97,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         get_accelerator().set_rng_state(torch.tensor(state["accelerator"], dtype=torch.uint8))
 
 
+def seed_rng(seed: int) -> None:
+    """Python's, NumPy's and torch's generators (every device's too) from one seed."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def _to_json(value):
     return [_to_json(v) for v in value] if isinstance(value, tuple) else value
 
@@ -289,9 +299,12 @@ def check_compatible(path: Path, cfg: RunConfig, tokenizer) -> None:
         raise ConfigError(f"checkpoint {path} does not match this run: {'; '.join(diffs)}")
 
 
-def load(engine, path: Path, rank: int) -> dict[str, Any]:
+def load(engine, path: Path, rank: int, seed: int = 0) -> dict[str, Any]:
     """Load DeepSpeed's state (its universal form when ``path`` was written by another number of ranks) and
-    this rank's RNG state; return our saved training state, its data position for this world size."""
+    this rank's RNG state; return our saved training state, its data position for this world size.
+
+    A rank the checkpoint has no RNG state for (more ranks than it was written by) seeds its own from
+    ``seed``, its rank and the step: nothing draws from it without dropout."""
     import torch.distributed as dist
 
     world_size, saved = dist.get_world_size(), saved_world_size(path)
@@ -304,9 +317,11 @@ def load(engine, path: Path, rank: int) -> dict[str, Any]:
     if tag == UNIVERSAL and engine.zero_optimization_stage() == 3:
         _complete_zero3_universal_load(engine.optimizer, path / UNIVERSAL / "zero" / "optimizer_state.pt")
     ours = path / OURS
-    # Ranks beyond the saved ones take a saved rank's RNG state: without dropout nothing draws from it.
-    set_rng_state(json.loads((ours / f"rng_rank{rank % saved}.json").read_text()))
     state = json.loads((ours / "state.json").read_text())
+    if rank < saved:
+        set_rng_state(json.loads((ours / f"rng_rank{rank}.json").read_text()))
+    else:
+        seed_rng(hash((seed, rank, state["step"])) % 2**32)
     data = state["data"]
     samples = int(data["consumed"]) * saved  # of this epoch, all ranks together
     if samples % world_size:
@@ -342,12 +357,19 @@ def _complete_zero3_universal_load(optimizer, saved: Path) -> None:
 
 
 def saved_world_size(path: Path) -> int:
-    return int(json.loads((path / COMPLETE).read_text())["world_size"])
+    return int(_saved_value(path / COMPLETE, "world_size"))
 
 
 def saved_global_batch(path: Path) -> int:
     """Sequences per optimizer step of the run that wrote ``path``."""
-    return int(json.loads((path / OURS / "ds_config.json").read_text())["train_batch_size"])
+    return int(_saved_value(path / OURS / "ds_config.json", "train_batch_size"))
+
+
+def _saved_value(file: Path, key: str):
+    try:
+        return json.loads(file.read_text())[key]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {file.parent}: {file.name} has no readable {key} ({exc!r})") from None
 
 
 def fit_world_size(path: Path, cfg: RunConfig, world_size: int) -> tuple[RunConfig, str | None]:
@@ -397,6 +419,34 @@ def needs_universal(path: Path, world_size: int) -> bool:
     """Whether ``path`` holds ZeRO shards of another number of ranks (without ZeRO, the optimizer state is whole
     and loads on any number of ranks)."""
     return saved_world_size(path) != world_size and any(path.glob("*_optim_states.pt"))
+
+
+CONVERSION_WAIT_S = 6 * 3600  # the longest the other ranks wait for rank 0's conversion
+
+
+def universal_for(path: Path, rank: int) -> Path:
+    """``path``'s universal form, made by rank 0 while the other ranks wait for it on the (shared) file system:
+    a conversion may take longer than a collective's timeout. A failure on rank 0 is every rank's error."""
+    from llm_ds.distributed import barrier
+
+    failed = path / f".{UNIVERSAL}.failed"
+    if rank == 0:
+        failed.unlink(missing_ok=True)  # from an earlier attempt
+    barrier()
+    if rank == 0:
+        try:
+            return make_universal(path)
+        except CheckpointError as exc:
+            failed.write_text(str(exc))
+            raise
+    deadline = time.monotonic() + CONVERSION_WAIT_S
+    while not (path / UNIVERSAL / COMPLETE).is_file():
+        if failed.is_file():
+            raise CheckpointError(failed.read_text())
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"checkpoint {path}: rank 0 did not convert it within {CONVERSION_WAIT_S} s")
+        time.sleep(0.5)
+    return path / UNIVERSAL
 
 
 def make_universal(path: Path) -> Path:

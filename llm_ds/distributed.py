@@ -42,8 +42,13 @@ def init_distributed() -> None:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
         )
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    if get_accelerator().device_name() == "cpu":  # the segments belong to DeepSpeed's CPU backend alone
+    accel = get_accelerator()
+    if accel.device_name() != "cpu" and "LOCAL_RANK" in os.environ:  # (MPI launches learn it in init_distributed)
+        # Each rank on its own device before any collective: NCCL would otherwise put every rank of a node on
+        # device 0 for the collectives that run before deepspeed.initialize sets it (a checkpoint's conversion).
+        accel.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    if accel.device_name() == "cpu":  # the segments belong to DeepSpeed's CPU backend alone
         unlink_shm_buffers()
 
 

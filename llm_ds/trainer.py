@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from llm_ds.config import IGNORE_INDEX, ConfigError, RunConfig, dump_run_config
@@ -63,12 +61,6 @@ class TrainState:
     tokens_seen: int = 0  # positions trained on, all ranks
     real_tokens_seen: int = 0  # of which real tokens (not padding), all ranks
     first_train_loss: float | None = None  # step 1's loss, kept across resumes
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def compute_total_steps(cfg: RunConfig, n_train_samples: int | None, world_size: int) -> int:
@@ -119,7 +111,7 @@ class Trainer:
         handle_signals: bool = False,
         started_at: float | None = None,
     ):
-        from llm_ds.checkpoint import find_resume_point, fit_world_size, saved_world_size
+        from llm_ds.checkpoint import find_resume_point, fit_world_size, saved_world_size, seed_rng
         from llm_ds.distributed import dist_env, init_distributed
         from llm_ds.monitor.logs import setup_logging
 
@@ -140,8 +132,15 @@ class Trainer:
         if self.resume_from is not None:
             self.cfg, self.resize_note = fit_world_size(self.resume_from, cfg, self.world_size)
             self.resumed_from_world_size = saved_world_size(self.resume_from)
+            if self.resize_note and self.resumed_from_world_size == self.world_size:
+                logger.warning(
+                    "train.grad_accum_steps=%d is not the resumed checkpoint's: %s (a run keeps its global batch; "
+                    "for another, start a new run from its weights with model.init_from)",
+                    cfg.train.grad_accum_steps,
+                    self.resize_note,
+                )
         check_job(self.cfg, template, self.world_size, self.ds_source)  # before any data or model work
-        seed_everything(cfg.train.seed)
+        seed_rng(cfg.train.seed)
         self._build(template, model, tokenizer, train_dataset, eval_dataset)
 
     # ---- assembly ------------------------------------------------------------------------------
@@ -316,29 +315,19 @@ class Trainer:
     def _engine_config(self) -> dict[str, Any]:
         """The DeepSpeed config the engine is built with: ours, plus ``load_universal`` where the checkpoint
         resumed from holds another world size's ZeRO shards (converted here, once, by rank 0)."""
-        from llm_ds.checkpoint import CheckpointError, make_universal, needs_universal
+        from llm_ds.checkpoint import needs_universal, universal_for
 
         if self.resume_from is None or not needs_universal(self.resume_from, self.world_size):
             return self.ds_config
-        error = None
-        if self.rank == 0:
-            start = time.perf_counter()
-            try:
-                make_universal(self.resume_from)
-                logger.info(
-                    "%s: ZeRO-%d shards of another world size, loaded through DeepSpeed's universal checkpoint "
-                    "(%s, %.1f s)",
-                    self.resume_from,
-                    zero_stage(self.ds_config),
-                    self.resume_from / "universal",
-                    time.perf_counter() - start,
-                )
-            except CheckpointError as exc:
-                error = str(exc)
-        answer = [error]
-        torch.distributed.broadcast_object_list(answer, src=0)  # every rank waits for the conversion
-        if answer[0] is not None:
-            raise CheckpointError(answer[0])
+        start = time.perf_counter()
+        universal_for(self.resume_from, self.rank)
+        logger.info(
+            "%s: ZeRO-%d shards of another world size, loaded through DeepSpeed's universal checkpoint (%s, %.1f s)",
+            self.resume_from,
+            zero_stage(self.ds_config),
+            self.resume_from / "universal",
+            time.perf_counter() - start,
+        )
         return {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True}}
 
     # ---- the step, the loss, evaluation ----------------------------------------------------------
@@ -456,7 +445,9 @@ class Trainer:
         if self._fitted:
             raise RuntimeError("Trainer.fit() runs once per Trainer: make a new Trainer for another run")
         self._fitted = True
-        resumed = checkpoint.load(self.engine, self.resume_from, self.rank) if self.resume_from else None
+        resumed = (
+            checkpoint.load(self.engine, self.resume_from, self.rank, self.cfg.train.seed) if self.resume_from else None
+        )
         if resumed:
             self.restore(resumed)
             if self.state.step >= self.total_steps:
