@@ -16,6 +16,7 @@ from launcher.command import (
     is_secret_name,
     is_this_node_only,
     propagated_env,
+    selected_slots,
     withheld_secrets,
     world_size,
     write_env_file,
@@ -95,9 +96,10 @@ class CheckedJob(NamedTuple):
     ranks: int
 
 
-def validate(args: argparse.Namespace) -> CheckedJob:
+def validate(args: argparse.Namespace, resuming: bool = True) -> CheckedJob:
     """Every check, in the order a user would fix them; returns the spec, the loaded run config and
-    DeepSpeed template, and the number of ranks."""
+    DeepSpeed template, and the number of ranks. ``resuming``: the job resumes its checkpoint, if it has one
+    (on these ranks, with the checkpoint's global batch); the planner plans the run config as written."""
     from llm_ds.checkpoint import find_resume_point, fit_world_size
     from llm_ds.config import ConfigError, load_run_config
     from llm_ds.ds_config import check_job, ds_config_source, load_ds_template, uses_nvme
@@ -127,10 +129,10 @@ def validate(args: argparse.Namespace) -> CheckedJob:
     ranks = world_size(spec)
     if ranks < 1:
         raise HostfileError(f"--include/--exclude leave no rank to run (hostfile {args.hostfile})")
-    _check_restart_policy(args, hosts)
+    _check_restart_policy(args, len(selected_slots(spec)) if hosts else 1)
     cfg = load_run_config(args.config, args.overrides)
     template = load_ds_template(args.ds_config)
-    point = find_resume_point(cfg)
+    point = find_resume_point(cfg) if resuming else None
     if point is not None:  # the job resumes it: on another number of ranks, with the checkpoint's global batch
         cfg, _ = fit_world_size(point, cfg, ranks)
     ds, _ = check_job(cfg, template, ranks, ds_config_source(args.ds_config))
@@ -142,13 +144,13 @@ def validate(args: argparse.Namespace) -> CheckedJob:
     return CheckedJob(spec, cfg, template, ranks)
 
 
-def _check_restart_policy(args: argparse.Namespace, hosts) -> None:
+def _check_restart_policy(args: argparse.Namespace, n_hosts: int) -> None:
     max_restarts = getattr(args, "max_restarts", 0)
     if max_restarts < 0:
         raise HostfileError(f"--max-restarts {max_restarts}: give 0 (no restart) or more")
     if getattr(args, "restart_delay", 0) < 0:
         raise HostfileError(f"--restart-delay {args.restart_delay}: give 0 seconds or more")
-    min_nodes, n_hosts = getattr(args, "min_nodes", None), len(hosts) if hosts else 1
+    min_nodes = getattr(args, "min_nodes", None)
     min_nodes = 1 if min_nodes is None else min_nodes
     if not 1 <= min_nodes <= n_hosts:
         raise HostfileError(f"--min-nodes {min_nodes}: the job has {n_hosts} node(s); give 1 to {n_hosts}")

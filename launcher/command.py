@@ -132,6 +132,10 @@ def build_command(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
         argv += ["--no_ssh_check"]
     if spec.master_addr:
         argv += ["--master_addr", spec.master_addr]
+    elif spec.launcher == "pdsh" and spec.hosts:
+        # Rank 0 runs on the first host. Without this the runner asks that host for its address over plain ssh,
+        # without pdsh's options.
+        argv += ["--master_addr", next(iter(selected_slot_ids(spec)))]
     if spec.master_port:
         argv += ["--master_port", str(spec.master_port)]
     return [*argv, str(TRAIN_SCRIPT), *spec.train_args]

@@ -142,7 +142,7 @@ def plan_command(args) -> int:
     launch_args = argparse.Namespace(
         **vars(args), launcher="pdsh", master_addr=None, master_port=None, node_rank=None, env_names=[]
     )
-    spec, cfg, template, world = validate(launch_args)
+    spec, cfg, template, world = validate(launch_args, resuming=False)
     ranks_per_host = {h: n for h, n in (selected_slots(spec) if spec.hosts else {"this node": world}).items() if n}
     if len(set(ranks_per_host.values())) > 1:
         slots = ", ".join(f"{host}: {n}" for host, n in ranks_per_host.items())
@@ -167,7 +167,7 @@ def plan_command(args) -> int:
     hints = [] if best else what_would_fit(shape, cluster, global_batch, precision, template)
     run_values = _run_values(best) if best else {}
     shrunk = None
-    if best and args.min_nodes is not None and args.min_nodes != nodes:
+    if best and args.min_nodes is not None:
         shrunk = on_fewer_nodes(shape, cluster, global_batch, precision, template, best, args.min_nodes)
     written = None
     if best and args.write:

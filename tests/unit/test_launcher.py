@@ -96,6 +96,7 @@ def test_commands_per_launcher(tmp_path):
     assert pdsh[-3:] == [pdsh[-3], "--ds_config", "ds_configs/zero3.json"] and pdsh[-3].endswith("llm_ds/train.py")
     assert "--launcher" not in pdsh  # pdsh is the runner's default
     assert "--no_ssh_check" in pdsh  # its check ignores PDSH_SSH_ARGS_APPEND; doctor checks with it
+    assert pdsh[pdsh.index("--master_addr") + 1] == HOSTS[0].name  # not asked of the host over plain ssh
     assert build_command(LaunchSpec(**common, launcher="slurm"), "py")[5:7] == ["--launcher", "slurm"]
     assert build_command(LaunchSpec(**common, launcher="openmpi"), "py")[5:7] == ["--launcher", "openmpi"]
     no_ssh = build_command(
