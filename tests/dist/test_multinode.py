@@ -180,7 +180,7 @@ def test_a_lost_node_is_dropped_and_the_job_finishes_on_the_rest(two_nodes, tmp_
             job.kill()
         two_nodes["start_sshd"](NODES[1])
     assert job.returncode == 0, output[-4000:]
-    assert f"dropped {NODES[1]}; 1 rank(s), resuming at step" in output
+    assert f"dropped {NODES[1]}; 1 rank(s), master {NODES[0]}, resuming at step" in output
     assert "on 1 rank(s) (was 2): grad_accum_steps 1 -> 2, global batch 8 kept" in output
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps"], summary["world_size"], summary["grad_accum_steps"]) == (100, 1, 2)
