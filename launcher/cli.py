@@ -181,8 +181,20 @@ def launch_command(args: argparse.Namespace) -> int:
             "visible to `ps` there",
             file=sys.stderr,
         )
+    probes = spec.hosts is not None and spec.launcher == "pdsh" and not is_this_node_only(spec.hosts)
+    if args.max_restarts and args.min_nodes > 1 and not probes:
+        print(
+            f"note: --min-nodes {args.min_nodes} has no effect here: only pdsh launches of several hosts probe "
+            "and drop hosts; a restart uses the same hosts",
+            file=sys.stderr,
+        )
     if args.dry_run:
         print(shlex.join(argv))
+        if args.max_restarts:
+            print(
+                f"# supervised: up to {args.max_restarts} restart(s), {args.restart_delay:g} s apart"
+                + (f", on at least {args.min_nodes} answering node(s)" if probes else ", on the same hosts")
+            )
         print(f"# {ranks} rank(s); propagated to every node through {env_file}:")
         for name, value in env.items():
             print(f"{name}={redact(value) if not is_secret_name(name) else '***'}")

@@ -10,7 +10,7 @@ from typing import Any
 from llm_ds.config import RunConfig
 from llm_ds.hardware import CARDS, find_card, has_native_bf16, local_gpu, peak_tflops
 from llm_ds.plan.render import breakdown, ds_config_for, table, write_plan
-from llm_ds.plan.search import describe_fewer_nodes, on_fewer_nodes, plan, what_would_fit
+from llm_ds.plan.search import describe_fewer_nodes, plan, shrink_to, what_would_fit
 from llm_ds.plan.shapes import (
     DEFAULT_EFFICIENCY,
     Cluster,
@@ -168,7 +168,7 @@ def plan_command(args) -> int:
     run_values = _run_values(best) if best else {}
     shrunk = None
     if best and args.min_nodes is not None:
-        shrunk = on_fewer_nodes(shape, cluster, global_batch, precision, template, best, args.min_nodes)
+        shrunk = shrink_to(shape, cluster, global_batch, precision, template, best, args.min_nodes)
     written = None
     if best and args.write:
         written = Path(args.write)

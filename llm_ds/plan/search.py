@@ -206,18 +206,52 @@ def on_fewer_nodes(
     return out
 
 
+def shrink_to(
+    shape: ModelShape,
+    cluster: Cluster,
+    global_batch: int,
+    precision: str,
+    template: dict[str, Any] | None,
+    best: Estimate,
+    min_nodes: int,
+) -> dict[str, Any]:
+    """``on_fewer_nodes`` for ``min_nodes``, and for every count between it and the whole cluster, which a job
+    that loses nodes one at a time passes through: ``first_failure`` is the largest count it cannot run on
+    (None: all fit), and ``batch_for_all`` a global batch every count from ``min_nodes`` up can share."""
+    import math
+
+    counts = range(cluster.nodes - 1, min_nodes - 1, -1)
+    results = {n: on_fewer_nodes(shape, cluster, global_batch, precision, template, best, n) for n in counts}
+    out = results.get(min_nodes) or on_fewer_nodes(shape, cluster, global_batch, precision, template, best, min_nodes)
+    out["first_failure"] = next((results[n] for n in counts if not results[n]["fits"]), None)
+    unit = math.lcm(
+        *(n * cluster.ranks_per_node * best.candidate.micro_batch for n in range(min_nodes, cluster.nodes + 1))
+    )
+    out["batch_for_all"] = -(-global_batch // unit) * unit
+    return out
+
+
 def describe_fewer_nodes(result: dict[str, Any]) -> str:
     """One line for ``on_fewer_nodes``'s answer."""
     where = f"on {result['nodes']} node(s) ({result['world_size']} ranks, the same global batch)"
-    if result["fits"]:
+    first = result.get("first_failure")
+    if result["fits"] and first is None:
         return (
             f"{where}: fits, device margin {result['device_margin']:.0%}, {result['step_s']:.3f} s/step "
             f"({result['slowdown']:.2f}x), train.grad_accum_steps {result['grad_accum']}: the job can shrink to it"
         )
-    why = "; ".join(result.get("limits") or ["does not fit"])
-    if "step_s" not in result:
-        return f"{where}: the job cannot resume there ({why})"
-    instead = result.get("instead")
-    return f"{where}: the recommended setup does not fit ({why}); " + (
-        f"fastest that fits there: {instead}" if instead else "nothing fits there"
+    failing = first or result
+    why = "; ".join(failing.get("limits") or ["does not fit"])
+    head = (
+        f"{where}: the job cannot shrink to it: on {failing['nodes']} node(s)"
+        if failing is not result
+        else f"{where}: the job cannot shrink to it"
+    )
+    if "step_s" not in failing:
+        batch = result.get("batch_for_all")
+        fix = f"; a global batch of {batch} can be shared on every count down to it" if batch else ""
+        return f"{head}, the global batch cannot be shared ({why}){fix}"
+    instead = failing.get("instead")
+    return f"{head}, the recommended setup does not fit ({why}); " + (
+        f"fastest that fits there (as the starting config): {instead}" if instead else "nothing fits there"
     )

@@ -261,3 +261,14 @@ def test_a_launch_that_cannot_resume_its_checkpoint_on_these_ranks_stops_before_
     assert len(err) == 1 and "its global batch of 8 sequences cannot be shared by 3 rank(s)" in err[0], err
     (tmp_path / "hosts").write_text("a slots=1\n")  # one rank: accumulation 2 keeps the global batch of 8
     assert main([*base, "--set", "train.micro_batch_size=4"]) == 0
+
+
+def test_a_dry_run_says_how_the_job_is_supervised(tmp_path, capsys):
+    (tmp_path / "hosts").write_text("a slots=1\nb slots=1\n")
+    base = ["launch", "--hostfile", str(tmp_path / "hosts"), "--dry-run", "--set", f"train.output_dir={tmp_path}/r"]
+    assert main([*base, "--max-restarts", "2", "--min-nodes", "2", "--restart-delay", "5"]) == 0
+    assert "# supervised: up to 2 restart(s), 5 s apart, on at least 2 answering node(s)" in capsys.readouterr().out
+    no_ssh = ["--launcher", "no-ssh", "--node_rank", "0", "--master_addr", "a"]
+    assert main([*base, *no_ssh, "--max-restarts", "2", "--min-nodes", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "on the same hosts" in captured.out and "--min-nodes 2 has no effect here" in captured.err

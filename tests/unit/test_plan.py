@@ -297,16 +297,19 @@ def test_nodes_are_the_hosts_left_after_exclude_and_must_be_even(tmp_path, capsy
 def test_min_nodes_says_whether_the_job_can_shrink(tmp_path, capsys):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("".join(f"node{i} slots=8\n" for i in range(4)))
-    common = ("--gpu", "H100", "--hostfile", str(hostfile), "--config", "llm_ds/configs/gpt2-124m.yaml",
-              "--global-batch", "512")  # fmt: skip
-    code, out, _ = run_plan(capsys, *common, "--json", "--min-nodes", "2")
+    common = ("--gpu", "H100", "--hostfile", str(hostfile), "--config", "llm_ds/configs/gpt2-124m.yaml")
+    # 1536 sequences: 32, 24 and 16 ranks at micro-batch 16 all share them.
+    code, out, _ = run_plan(capsys, *common, "--global-batch", "1536", "--json", "--min-nodes", "2")
     result = json.loads(out)
     shrunk, best = result["min_nodes"], result["recommended"]
-    assert code == 0 and (shrunk["nodes"], shrunk["world_size"]) == (2, 16)
-    # Half the ranks: the same micro-batch, twice the accumulation, more time per step; ZeRO shards grow.
+    assert code == 0 and (shrunk["nodes"], shrunk["world_size"], shrunk["first_failure"]) == (2, 16, None)
+    # Half the ranks: the same micro-batch, twice the accumulation, more time per step.
     assert shrunk["fits"] and shrunk["grad_accum"] == 2 * best["grad_accum"] and shrunk["slowdown"] > 1.3
-    code, out, _ = run_plan(capsys, *common, "--min-nodes", "3")
-    assert code == 0 and "on 3 node(s) (24 ranks, the same global batch): the job cannot resume there (the " \
-        "global batch of 512" in out  # fmt: skip
+    code, out, _ = run_plan(capsys, *common, "--global-batch", "1536", "--min-nodes", "2")
+    assert "on 2 node(s) (16 ranks, the same global batch): fits" in out and "the job can shrink to it" in out
+    # 512 sequences fit 2 nodes, but a job losing one node at a time passes through 3, which cannot share them.
+    code, out, _ = run_plan(capsys, *common, "--global-batch", "512", "--min-nodes", "2")
+    assert code == 0 and "the job cannot shrink to it: on 3 node(s), the global batch cannot be shared" in out
+    assert "a global batch of 1536 can be shared on every count down to it" in out
     code, _, err = run_plan(capsys, *common, "--min-nodes", "5")
     assert code == 2 and "--min-nodes 5: the job has 4 node(s)" in err
