@@ -22,7 +22,7 @@ from launcher.command import (
     write_env_file,
 )
 from launcher.hostfile import HostfileError, parse_hostfile
-from launcher.supervise import Policy, supervise
+from launcher.supervise import Policy, probes_hosts, supervise
 from llm_ds.flags import add_run_arguments
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def validate(args: argparse.Namespace, resuming: bool = True) -> CheckedJob:
     """Every check, in the order a user would fix them; returns the spec, the loaded run config and
     DeepSpeed template, and the number of ranks. ``resuming``: the job resumes its checkpoint, if it has one
     (on these ranks, with the checkpoint's global batch); the planner plans the run config as written."""
-    from llm_ds.checkpoint import find_resume_point, fit_world_size
+    from llm_ds.checkpoint import config_for_resume
     from llm_ds.config import ConfigError, load_run_config
     from llm_ds.ds_config import check_job, ds_config_source, load_ds_template, uses_nvme
 
@@ -132,9 +132,8 @@ def validate(args: argparse.Namespace, resuming: bool = True) -> CheckedJob:
     _check_restart_policy(args, len(selected_slots(spec)) if hosts else 1)
     cfg = load_run_config(args.config, args.overrides)
     template = load_ds_template(args.ds_config)
-    point = find_resume_point(cfg) if resuming else None
-    if point is not None:  # the job resumes it: on another number of ranks, with the checkpoint's global batch
-        cfg, _ = fit_world_size(point, cfg, ranks)
+    if resuming:  # its checkpoint, if it has one: on these ranks, with the checkpoint's global batch
+        cfg = config_for_resume(cfg, ranks)
     ds, _ = check_job(cfg, template, ranks, ds_config_source(args.ds_config))
     if uses_nvme(ds):
         nvme = cfg.nvme_dir
@@ -181,7 +180,7 @@ def launch_command(args: argparse.Namespace) -> int:
             "visible to `ps` there",
             file=sys.stderr,
         )
-    probes = spec.hosts is not None and spec.launcher == "pdsh" and not is_this_node_only(spec.hosts)
+    probes = probes_hosts(spec)
     if args.max_restarts and args.min_nodes > 1 and not probes:
         print(
             f"note: --min-nodes {args.min_nodes} has no effect here: only pdsh launches of several hosts probe "

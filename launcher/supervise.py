@@ -147,6 +147,12 @@ def reachable(hosts: list[Host], checkpoint_dir: Path, ssh_port: int | None) -> 
     }
 
 
+def probes_hosts(spec: LaunchSpec) -> bool:
+    """Whether a failure is followed by probing the hosts (and dropping those that do not answer): pdsh launches
+    of more than this node. Elsewhere there is no ssh to probe with, and a restart uses the same hosts."""
+    return spec.hosts is not None and spec.launcher == "pdsh" and not is_this_node_only(spec.hosts)
+
+
 def write_hostfile(path: Path, hosts: list[Host]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{h.name} slots={h.slots}\n" for h in hosts))
@@ -163,7 +169,7 @@ def _supervise(spec, env, output_dir: Path, checkpoint_dir: Path, policy: Policy
     summary = output_dir / "summary.json"
     restarts: list[dict] = []
     failures: list[str] = []
-    probe = spec.hosts is not None and spec.launcher == "pdsh" and not is_this_node_only(spec.hosts)
+    probe = probes_hosts(spec)
     first_args, job_started = list(spec.train_args), time.time()
     while True:
         step_before = resume_step(spec.train_args)
@@ -267,15 +273,12 @@ def _has_checkpoint_since(train_args: list[str], since: float) -> bool:
 def check_resumable(spec: LaunchSpec) -> None:
     """What the driver will check on every rank, here once: the checkpoint a restart resumes from fits the ranks
     left, and the DeepSpeed config agrees with the batch that gives (a failure here would cost a restart)."""
-    from llm_ds.checkpoint import find_resume_point, fit_world_size
+    from llm_ds.checkpoint import config_for_resume
     from llm_ds.ds_config import check_job, ds_config_source, load_ds_template
 
     cfg, ds_config = _run_config(spec.train_args)
     ranks = world_size(spec)
-    point = find_resume_point(cfg)
-    if point is not None:
-        cfg, _ = fit_world_size(point, cfg, ranks)
-    check_job(cfg, load_ds_template(ds_config), ranks, ds_config_source(ds_config))
+    check_job(config_for_resume(cfg, ranks), load_ds_template(ds_config), ranks, ds_config_source(ds_config))
 
 
 def _give_up(failures: list[str], why: str, code: int) -> int:

@@ -415,6 +415,13 @@ def fit_world_size(path: Path, cfg: RunConfig, world_size: int) -> tuple[RunConf
     return fitted, f"{ranks}: grad_accum_steps {before} -> {accum}, global batch {batch} kept"
 
 
+def config_for_resume(cfg: RunConfig, world_size: int) -> RunConfig:
+    """``cfg`` as the job runs it on ``world_size`` ranks: with the global batch of the checkpoint it resumes,
+    if it resumes one (``fit_world_size``; its refusals are raised here)."""
+    point = find_resume_point(cfg)
+    return fit_world_size(point, cfg, world_size)[0] if point is not None else cfg
+
+
 def needs_universal(path: Path, world_size: int) -> bool:
     """Whether ``path`` holds ZeRO shards of another number of ranks (without ZeRO, the optimizer state is whole
     and loads on any number of ranks)."""

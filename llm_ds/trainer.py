@@ -320,12 +320,12 @@ class Trainer:
         if self.resume_from is None or not needs_universal(self.resume_from, self.world_size):
             return self.ds_config
         start = time.perf_counter()
-        universal_for(self.resume_from, self.rank)
+        universal = universal_for(self.resume_from, self.rank)
         logger.info(
             "%s: ZeRO-%d shards of another world size, loaded through DeepSpeed's universal checkpoint (%s, %.1f s)",
             self.resume_from,
             zero_stage(self.ds_config),
-            self.resume_from / "universal",
+            universal,
             time.perf_counter() - start,
         )
         return {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True}}

@@ -170,42 +170,6 @@ def _brief(e: Estimate) -> str:
     return f"{c.label()}, micro-batch {c.micro_batch}, {fmt_bytes(e.device_total)} per device, {e.step_s:.2f} s/step"
 
 
-def on_fewer_nodes(
-    shape: ModelShape,
-    cluster: Cluster,
-    global_batch: int,
-    precision: str,
-    template: dict[str, Any] | None,
-    best: Estimate,
-    nodes: int,
-) -> dict[str, Any]:
-    """The recommended setup on ``nodes`` of the cluster's nodes with the same global batch, as a job restarted
-    after losing nodes runs it: whether it fits, its step time against the whole cluster's, and where it does
-    not fit, the fastest setup that does there."""
-    small = Cluster(**{**asdict(cluster), "nodes": nodes})
-    out: dict[str, Any] = {"nodes": nodes, "world_size": small.world, "fits": False}
-    per_rank, rest = divmod(global_batch, small.world)
-    if rest or per_rank % best.candidate.micro_batch:
-        out["limits"] = [
-            f"the global batch of {global_batch} at micro-batch {best.candidate.micro_batch} cannot be shared by "
-            f"{small.world} ranks"
-        ]
-        return out
-    same = estimate(shape, best.candidate, small, global_batch, precision, template)
-    out.update(
-        fits=same.fits,
-        step_s=same.step_s,
-        slowdown=same.step_s / best.step_s,
-        grad_accum=same.grad_accum,
-        device_margin=same.margin.get("device"),
-        limits=same.limits,
-    )
-    if not same.fits:
-        fits = [e for e in plan(shape, small, global_batch, precision, template) if e.fits]
-        out["instead"] = _brief(fits[0]) if fits else None
-    return out
-
-
 def shrink_to(
     shape: ModelShape,
     cluster: Cluster,
@@ -215,14 +179,41 @@ def shrink_to(
     best: Estimate,
     min_nodes: int,
 ) -> dict[str, Any]:
-    """``on_fewer_nodes`` for ``min_nodes``, and for every count between it and the whole cluster, which a job
-    that loses nodes one at a time passes through: ``first_failure`` is the largest count it cannot run on
-    (None: all fit), and ``batch_for_all`` a global batch every count from ``min_nodes`` up can share."""
+    """The recommended setup ``best`` on ``min_nodes`` of the cluster's nodes with the same global batch, as a job
+    restarted after losing nodes runs it: whether it fits, its step time against the whole cluster's, and where
+    it does not fit, the fastest setup that does there. Every count between it and the whole cluster, which a
+    job that loses nodes one at a time passes through, is checked too: ``first_failure`` is the largest count
+    it cannot run on (None: all fit), and ``batch_for_all`` a global batch every count from ``min_nodes`` up
+    can share."""
     import math
 
+    def on(nodes: int) -> dict[str, Any]:
+        small = Cluster(**{**asdict(cluster), "nodes": nodes})
+        out: dict[str, Any] = {"nodes": nodes, "world_size": small.world, "fits": False}
+        per_rank, rest = divmod(global_batch, small.world)
+        if rest or per_rank % best.candidate.micro_batch:
+            out["limits"] = [
+                f"the global batch of {global_batch} at micro-batch {best.candidate.micro_batch} cannot be shared "
+                f"by {small.world} ranks"
+            ]
+            return out
+        same = estimate(shape, best.candidate, small, global_batch, precision, template)
+        out.update(
+            fits=same.fits,
+            step_s=same.step_s,
+            slowdown=same.step_s / best.step_s,
+            grad_accum=same.grad_accum,
+            device_margin=same.margin.get("device"),
+            limits=same.limits,
+        )
+        if not same.fits:
+            fits = [e for e in plan(shape, small, global_batch, precision, template) if e.fits]
+            out["instead"] = _brief(fits[0]) if fits else None
+        return out
+
     counts = range(cluster.nodes - 1, min_nodes - 1, -1)
-    results = {n: on_fewer_nodes(shape, cluster, global_batch, precision, template, best, n) for n in counts}
-    out = results.get(min_nodes) or on_fewer_nodes(shape, cluster, global_batch, precision, template, best, min_nodes)
+    results = {n: on(n) for n in counts}
+    out = results.get(min_nodes) or on(min_nodes)
     out["first_failure"] = next((results[n] for n in counts if not results[n]["fits"]), None)
     unit = math.lcm(
         *(n * cluster.ranks_per_node * best.candidate.micro_batch for n in range(min_nodes, cluster.nodes + 1))
@@ -232,7 +223,7 @@ def shrink_to(
 
 
 def describe_fewer_nodes(result: dict[str, Any]) -> str:
-    """One line for ``on_fewer_nodes``'s answer."""
+    """One line for ``shrink_to``'s answer."""
     where = f"on {result['nodes']} node(s) ({result['world_size']} ranks, the same global batch)"
     first = result.get("first_failure")
     if result["fits"] and first is None:
