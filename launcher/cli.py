@@ -135,6 +135,7 @@ def validate(args: argparse.Namespace, resuming: bool = True) -> CheckedJob:
     if resuming:  # its checkpoint, if it has one: on these ranks, with the checkpoint's global batch
         cfg = config_for_resume(cfg, ranks)
     ds, _ = check_job(cfg, template, ranks, ds_config_source(args.ds_config))
+    cfg.check_ranks_per_node(selected_slots(spec) if hosts else {"this node": ranks})
     if uses_nvme(ds):
         nvme = cfg.nvme_dir
         probe = next((p for p in (nvme, *nvme.parents) if p.exists()), None)

@@ -322,14 +322,14 @@ def load(engine, path: Path, rank: int, seed: int = 0) -> dict[str, Any]:
         set_rng_state(json.loads((ours / f"rng_rank{rank}.json").read_text()))
     else:
         seed_rng(hash((seed, rank, state["step"])) % 2**32)
-    data = state["data"]
-    samples = int(data["consumed"]) * saved  # of this epoch, all ranks together
-    if samples % world_size:
+    data, replica = state["data"], saved_model_parallel(path)  # ranks of one replica read the same data
+    samples = int(data["consumed"]) * (saved // replica)  # of this epoch, all data-parallel ranks together
+    if samples % (world_size // replica):
         raise CheckpointError(
             f"checkpoint {path}: its data position ({samples} samples into epoch {data['epoch']}) cannot be "
             f"shared by {world_size} rank(s)"
         )
-    state["data"] = {**data, "consumed": samples // world_size}
+    state["data"] = {**data, "consumed": samples // (world_size // replica)}
     return state
 
 
@@ -360,6 +360,23 @@ def saved_world_size(path: Path) -> int:
     return int(_saved_value(path / COMPLETE, "world_size"))
 
 
+def saved_parallel(path: Path) -> dict[str, int]:
+    """The ``parallel`` section of the run that wrote ``path`` (none before it existed: 1 and 1)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((path / OURS / "config.yaml").read_text()).get("parallel") or {}
+    except (OSError, yaml.YAMLError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {OURS}/config.yaml is not readable ({exc!r})") from None
+    return {"tensor": int(saved.get("tensor", 1)), "pipeline": int(saved.get("pipeline", 1))}
+
+
+def saved_model_parallel(path: Path) -> int:
+    """Ranks that held one replica of the model in the run that wrote ``path``."""
+    saved = saved_parallel(path)
+    return saved["tensor"] * saved["pipeline"]
+
+
 def saved_global_batch(path: Path) -> int:
     """Sequences per optimizer step of the run that wrote ``path``."""
     return int(_saved_value(path / OURS / "ds_config.json", "train_batch_size"))
@@ -381,6 +398,19 @@ def fit_world_size(path: Path, cfg: RunConfig, world_size: int) -> tuple[RunConf
     where that does not divide, ``ConfigError`` gives the numbers and a setting that works.
     """
     saved = saved_world_size(path)
+    layout, now = saved_parallel(path), {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline}
+    export = f"or start a new run from its weights: llm-ds export {path} OUT and --set model.init_from=OUT"
+    if layout != now:
+        keys = " ".join(f"--set parallel.{k}={v}" for k, v in layout.items())
+        raise ConfigError(
+            f"checkpoint {path} was written with {_describe_parallel(layout)} and this run has "
+            f"{_describe_parallel(now)}: resume it with {keys}, {export}"
+        )
+    if saved != world_size and cfg.parallel.model_parallel > 1:
+        raise ConfigError(
+            f"checkpoint {path} was written by {saved} rank(s) and this run has {world_size}: a checkpoint with "
+            f"{_describe_parallel(layout)} resumes on its own {saved} rank(s), {export}"
+        )
     where = (
         f"checkpoint {path} was written by {saved} rank(s) and this run has {world_size}"
         if saved != world_size
@@ -389,10 +419,10 @@ def fit_world_size(path: Path, cfg: RunConfig, world_size: int) -> tuple[RunConf
     if cfg.data.streaming and saved != world_size:
         raise ConfigError(
             f"{where}: data.streaming deals documents to ranks, so a streamed run resumes only on {saved} "
-            f"rank(s); or start a new run from its weights: llm-ds export {path} OUT and --set model.init_from=OUT"
+            f"rank(s); {export}"
         )
     batch, micro = saved_global_batch(path), cfg.train.micro_batch_size
-    per_rank, rest = divmod(batch, world_size)
+    per_rank, rest = divmod(batch, world_size // cfg.parallel.model_parallel)
     if rest:
         fits = ", ".join(str(n) for n in range(1, batch + 1) if batch % n == 0)
         raise ConfigError(
@@ -413,6 +443,10 @@ def fit_world_size(path: Path, cfg: RunConfig, world_size: int) -> tuple[RunConf
     fitted = replace(cfg, train=replace(cfg.train, grad_accum_steps=accum))
     ranks = f"on {world_size} rank(s) (was {saved})" if saved != world_size else f"on {world_size} rank(s)"
     return fitted, f"{ranks}: grad_accum_steps {before} -> {accum}, global batch {batch} kept"
+
+
+def _describe_parallel(layout: dict[str, int]) -> str:
+    return f"parallel.tensor={layout['tensor']}, parallel.pipeline={layout['pipeline']}"
 
 
 def config_for_resume(cfg: RunConfig, world_size: int) -> RunConfig:

@@ -354,12 +354,34 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How each model replica is split over ranks; the rest of the ranks are data-parallel."""
+
+    tensor: int = opt(
+        1,
+        "tensor-parallel ranks per replica (DeepSpeed's AutoTP): each layer's matrices split over them; divides "
+        "`model.n_head` and the ranks per node",
+    )
+    pipeline: int = opt(1, "pipeline stages per replica, at most `model.n_layer` (this version runs 1)")
+
+    def validate(self) -> None:
+        _check(self.tensor > 0, "parallel.tensor", self.tensor, "must be > 0")
+        _check(self.pipeline > 0, "parallel.pipeline", self.pipeline, "must be > 0")
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that hold one replica of the model."""
+        return self.tensor * self.pipeline
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     source: str = field(default=str(DEFAULT_CONFIG), compare=False)  # the YAML it came from
 
     def __post_init__(self) -> None:
@@ -397,6 +419,42 @@ class RunConfig:
             self.data.block_size,
             f"must be <= model.n_positions ({self.model.n_positions})",
         )
+        if not self.model.init_from:  # a pretrained model's shape is its own, checked when it is loaded
+            _check(
+                self.model.n_head % self.parallel.tensor == 0,
+                "parallel.tensor",
+                self.parallel.tensor,
+                f"must divide model.n_head ({self.model.n_head}): each rank holds whole attention heads",
+            )
+            _check(
+                self.parallel.pipeline <= self.model.n_layer,
+                "parallel.pipeline",
+                self.parallel.pipeline,
+                f"must be <= model.n_layer ({self.model.n_layer}): each stage holds at least one layer",
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Ranks that each read their own share of every batch: the world over ``parallel.tensor`` x
+        ``parallel.pipeline``; ``ConfigError`` where that does not divide."""
+        mp = self.parallel.model_parallel
+        if world_size % mp:
+            raise ConfigError(
+                f"`parallel.tensor` x `parallel.pipeline` = {self.parallel.tensor} x {self.parallel.pipeline} "
+                f"= {mp} does not divide the world size of {world_size} rank(s)"
+            )
+        return world_size // mp
+
+    def check_ranks_per_node(self, per_node: typing.Mapping[str, int]) -> None:
+        """A tensor group's all-reduces run in every layer, so its ranks must share a node: ``parallel.tensor``
+        divides the ranks of every node (``{node: ranks}``); ``ConfigError`` names the first that it does not."""
+        tp = self.parallel.tensor
+        for node, ranks in per_node.items():
+            _check(
+                ranks % tp == 0,
+                "parallel.tensor",
+                tp,
+                f"must divide the ranks of every node ({node} runs {ranks}): a tensor group never spans nodes",
+            )
 
     @property
     def run_name(self) -> str:
@@ -419,7 +477,7 @@ class RunConfig:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
 
-SECTIONS = ("model", "data", "train", "logging", "checkpoint")
+SECTIONS = ("model", "data", "train", "logging", "checkpoint", "parallel")
 _SECTION_TYPES = {name: typing.get_type_hints(RunConfig)[name] for name in SECTIONS}
 
 

@@ -19,6 +19,12 @@ def dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def ranks_per_node(world_size: int) -> int:
+    """Ranks on this node: DeepSpeed's launcher says it in ``LOCAL_SIZE``, torchrun in ``LOCAL_WORLD_SIZE``;
+    a launch that says neither is taken as one node."""
+    return int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

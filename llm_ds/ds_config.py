@@ -129,16 +129,17 @@ def check_top_level_keys(config: dict[str, Any], source: str) -> None:
 def check_with_deepspeed(ds: dict[str, Any], source: str) -> None:
     """Parse a resolved config with DeepSpeed's own ``DeepSpeedConfig``; whatever it refuses (a key no
     section model has, a value of the wrong kind) becomes one line naming the key path and the closest
-    valid key. Before the process group exists, the batch sizes are given for one rank, as DeepSpeed
-    then counts one."""
+    valid key. The batch sizes (checked by ``resolve_ds_config``) are given as DeepSpeed counts them without a
+    model-parallel unit: for every rank of the process group, or one rank before it exists."""
     import pydantic
     import torch.distributed
 
     ds_runtime_config = _import_deepspeed_config()
     checked = copy.deepcopy(ds)
     micro, accum = checked.get("train_micro_batch_size_per_gpu"), checked.get("gradient_accumulation_steps")
-    if not torch.distributed.is_initialized() and isinstance(micro, int) and isinstance(accum, int):
-        checked["train_batch_size"] = micro * accum  # DeepSpeedConfig counts one rank without a process group
+    if isinstance(micro, int) and isinstance(accum, int):
+        ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        checked["train_batch_size"] = micro * accum * ranks
     try:
         ds_runtime_config.DeepSpeedConfig(checked)
     except pydantic.ValidationError as exc:
@@ -211,8 +212,9 @@ def _valid_keys(model, loc: tuple[str, ...]) -> set[str]:
 
 
 def global_batch_size(cfg: RunConfig, world_size: int) -> int:
-    """Sequences per optimizer step across all ranks."""
-    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
+    """Sequences per optimizer step across all ranks: the ranks of one tensor group (or pipeline) read the same
+    sequences, so only data-parallel ranks count."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data_parallel_size(world_size)
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -259,7 +261,7 @@ def resolve_ds_config(
     Args:
         template: the parsed JSON (left untouched).
         cfg: the run config, the source of truth for batch sizes, optimiser, schedule, precision.
-        world_size: total ranks.
+        world_size: total ranks (``parallel`` says how many of them are data-parallel).
         precision: the resolved precision, one of fp32, bf16, fp16.
         total_steps: optimizer steps of the whole run (``None`` before the data is known:
             the schedule length is then left unchecked).
@@ -277,9 +279,14 @@ def resolve_ds_config(
     _fill(ds, "gradient_accumulation_steps", t.grad_accum_steps, where, "train.grad_accum_steps")
     batch = global_batch_size(cfg, world_size)
     if ds.get("train_batch_size", AUTO) not in (AUTO, batch):
+        ranks = (
+            f"data-parallel ranks ({cfg.data_parallel_size(world_size)} of {world_size})"
+            if cfg.parallel.model_parallel > 1
+            else f"world size ({world_size})"
+        )
         raise ConfigError(
             f"DeepSpeed config {where}: train_batch_size={ds['train_batch_size']!r} but train.micro_batch_size "
-            f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x world size ({world_size}) "
+            f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x {ranks} "
             f'= {batch}; set it to "auto" or change the run config'
         )
     ds["train_batch_size"] = batch
@@ -313,6 +320,7 @@ def resolve_ds_config(
         section = ds.setdefault(name, {})
         _fill(section, "enabled", precision == name, f"{where} {name}", f"precision {precision}")
 
+    _fill_parallel(ds, cfg, where)
     nvme_path = str(cfg.nvme_dir)
     zero = ds.get("zero_optimization") or {}
     for key in ("offload_param", "offload_optimizer"):
@@ -322,6 +330,23 @@ def resolve_ds_config(
                 offload["nvme_path"] = nvme_path
     check_with_deepspeed(ds, where)
     return ds
+
+
+def _fill_parallel(ds: dict[str, Any], cfg: RunConfig, where: str) -> None:
+    """DeepSpeed's ``tensor_parallel.autotp_size`` from ``parallel.tensor`` (AutoTP combines with every ZeRO
+    stage); refuse what this version cannot run."""
+    tp = cfg.parallel.tensor
+    if tp > 1 or "tensor_parallel" in ds:
+        section = ds.setdefault("tensor_parallel", {})
+        if tp > 1 or section.get("autotp_size", AUTO) not in (AUTO, 0, 1):
+            _fill(section, "autotp_size", tp, f"{where} tensor_parallel", "parallel.tensor")
+        else:
+            section["autotp_size"] = 0  # DeepSpeed's "off"
+    if cfg.parallel.pipeline > 1:
+        raise ConfigError(
+            f"`parallel.pipeline`={cfg.parallel.pipeline}: pipeline parallelism is not available in this version "
+            f"of llm-ds; for a model too big for one device use parallel.tensor, or ZeRO-3 with offload"
+        )
 
 
 def find_auto(ds: Any, prefix: str = "") -> list[str]:

@@ -39,11 +39,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     ours = path / OURS
     config = AutoConfig.from_pretrained(str(ours / "hf_config"))
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its progress; stdout is for our output
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     model = AutoModelForCausalLM.from_config(config)
+    state_dict = fp32_state_dict(path, model.state_dict())
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
@@ -62,6 +59,38 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     ).save_pretrained(str(out_dir))
     (out_dir / "llm_ds_source.json").write_text(json.dumps({"checkpoint": str(path.resolve())}) + "\n")
     return out_dir
+
+
+def fp32_state_dict(path: Path, like: dict) -> dict:
+    """The fp32 weights of checkpoint ``path``, whole. ZeRO shards of one replica are joined by DeepSpeed's
+    ``zero_to_fp32``; the shards of tensor-parallel ranks by its universal form (per-parameter fp32 weights,
+    joined along the dimensions AutoTP split them), made once in ``<path>/universal``. Weights trained as
+    ``nn.Linear`` (GPT-2's ``Conv1D`` for tensor parallelism) are given back in ``like``'s layout."""
+    import torch
+
+    from llm_ds.checkpoint import UNIVERSAL, make_universal, saved_model_parallel
+
+    manifest = json.loads((path / OURS / "manifest.json").read_text())
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its progress; stdout is for our output
+        if saved_model_parallel(path) == 1:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        else:
+            if not any(path.glob("*_optim_states.pt")):
+                raise CheckpointError(
+                    f"checkpoint {path}: a tensor-parallel checkpoint without ZeRO shards (ZeRO stage 0) cannot be "
+                    f"exported; train with ZeRO stage 1 or more (ds_configs/zero1.json)"
+                )
+            weights = (path / UNIVERSAL if (path / UNIVERSAL / COMPLETE).is_file() else make_universal(path)) / "zero"
+            state_dict = {
+                name: torch.load(weights / name / "fp32.pt", map_location="cpu", weights_only=False)["param"]
+                for name in like
+                if (weights / name / "fp32.pt").is_file()
+            }
+    for name in manifest.get("transposed", []):
+        state_dict[name] = state_dict[name].t().contiguous()
+    return state_dict
 
 
 def generate(

@@ -46,6 +46,8 @@ class RunSummary:
     resumed_at_step: int
     resumed_from_world_size: int | None  # the ranks that wrote the checkpoint resumed from
     grad_accum_steps: int  # this process's: a resume on another world size changes it, the global batch stays
+    tensor_parallel: int = 1  # ranks that split each replica's layers (parallel.tensor)
+    data_parallel_size: int | None = None  # replicas that read their own share of each batch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -7,8 +7,10 @@ between them the loss is accumulated on the device.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -112,8 +114,9 @@ class Trainer:
         started_at: float | None = None,
     ):
         from llm_ds.checkpoint import find_resume_point, fit_world_size, saved_world_size, seed_rng
-        from llm_ds.distributed import dist_env, init_distributed
+        from llm_ds.distributed import dist_env, init_distributed, ranks_per_node
         from llm_ds.monitor.logs import setup_logging
+        from llm_ds.parallel import Layout
 
         self.started_at = started_at if started_at is not None else time.time()
         if not isinstance(cfg, RunConfig):
@@ -140,6 +143,8 @@ class Trainer:
                     self.resize_note,
                 )
         check_job(self.cfg, template, self.world_size, self.ds_source)  # before any data or model work
+        self.cfg.check_ranks_per_node({platform.node(): ranks_per_node(self.world_size)})
+        self.layout = Layout(self.rank, self.world_size, self.cfg.parallel.tensor)
         seed_rng(cfg.train.seed)
         self._build(template, model, tokenizer, train_dataset, eval_dataset)
 
@@ -200,11 +205,22 @@ class Trainer:
         reset_peak_rss()
         module = self._build_model(model)
         self.n_params = count_parameters(module)
+        engine_config, mpu = self._engine_config(), None
+        self.transposed: list[str] = []  # GPT-2 weights held as Linear ([out, in]) for tensor parallelism
+        if cfg.parallel.tensor > 1:
+            from llm_ds.parallel import tensor
+
+            section, self.transposed = tensor.prepare(module, cfg.parallel.tensor)
+            engine_config = {**engine_config, "tensor_parallel": {**engine_config["tensor_parallel"], **section}}
+            mpu = tensor.init_groups(cfg.parallel.tensor)
         self.engine, _, _, _ = deepspeed.initialize(
             model=module,
             model_parameters=param_groups(module, cfg.train.weight_decay),
-            config=self._engine_config(),
+            config=engine_config,
+            mpu=mpu,
         )
+        if cfg.parallel.tensor > 1:
+            tensor.finish(self.engine.module)
         if cfg.train.compile:
             self.engine.compile()  # compiled lazily, on the first forward
 
@@ -219,6 +235,7 @@ class Trainer:
             model_flops_per_token(module, self.n_params, cfg.data.block_size),
             peak_tflops(device, self.precision, cfg.logging.peak_tflops, tf32=cfg.train.tf32),
             rss_before_model,
+            replicas=cfg.parallel.tensor,
         )
         self.first_step_at: float | None = None  # wall-clock time the first step of this process finished
         self.monitor, self.control, self._manifest = None, None, None
@@ -230,14 +247,16 @@ class Trainer:
 
         cfg = self.cfg
         micro, seed = cfg.train.micro_batch_size, cfg.train.seed
+        # The ranks of one tensor group read the same batches: only data-parallel ranks split the data.
+        rank, ranks = self.layout.data_rank, self.layout.data_size
         if train_dataset is not None:
             return build_dataset_loaders(
                 train_dataset,
                 eval_dataset,
                 cfg.data.block_size,
                 micro,
-                self.rank,
-                self.world_size,
+                rank,
+                ranks,
                 seed,
                 cfg.data.num_workers,
                 pin_memory,
@@ -247,8 +266,8 @@ class Trainer:
             cfg.data,
             self.tokenizer,
             micro,
-            self.rank,
-            self.world_size,
+            rank,
+            ranks,
             self.local_rank,
             seed,
             cfg.train.eval_max_batches,
@@ -257,9 +276,7 @@ class Trainer:
         )
         if eval_dataset is not None:
             loader_args = {"collate_fn": collate, "num_workers": cfg.data.num_workers, "pin_memory": pin_memory}
-            loaders.eval = build_eval_loader(
-                eval_dataset, cfg.data.block_size, micro, self.rank, self.world_size, loader_args
-            )
+            loaders.eval = build_eval_loader(eval_dataset, cfg.data.block_size, micro, rank, ranks, loader_args)
         return loaders
 
     def _build_model(self, model) -> torch.nn.Module:
@@ -273,8 +290,10 @@ class Trainer:
             if zero_stage(self.ds_config) == 3:
                 logger.info("ZeRO-3 with a model built before the Trainer: every rank held all of it once")
         else:
-            # ZeRO-3 partitions the model as it is built, so no rank ever holds all of it.
-            with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero_stage(self.ds_config) == 3):
+            # ZeRO-3 partitions the model as it is built, so no rank ever holds all of it; with tensor parallelism
+            # each rank builds it whole, once, and keeps its share.
+            partitioned = zero_stage(self.ds_config) == 3 and cfg.parallel.tensor == 1
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config) if partitioned else contextlib.nullcontext():
                 if model is not None:
                     model = model()
                 else:
@@ -291,12 +310,15 @@ class Trainer:
                 f"{f' (model.init_from={cfg.model.init_from})' if cfg.model.init_from else ''}"
             )
         logger.info(
-            "Model parameters: %s; precision %s%s, ZeRO stage %d, %d rank(s) on %s",
+            "Model parameters: %s; precision %s%s, ZeRO stage %d, %d rank(s)%s on %s",
             describe_model(model),
             self.precision,
             " (TF32 matmuls; train.tf32=false for full fp32)" if self._uses_tf32() else "",
             zero_stage(self.ds_config),
             self.world_size,
+            f" (tensor-parallel {cfg.parallel.tensor} x data-parallel {self.layout.data_size})"
+            if cfg.parallel.tensor > 1
+            else "",
             get_accelerator().device_name(),
         )
         return model
@@ -399,6 +421,7 @@ class Trainer:
 
         if self._manifest is None:
             self._manifest = checkpoint.build_manifest(self.world_size, self.started_at, self.tokenizer)
+            self._manifest["transposed"] = self.transposed
         state = {**self.training_state(), "wandb_run_id": self.monitor.wandb_run_id() if self.monitor else None}
         start = time.perf_counter()
         path = checkpoint.save(
@@ -599,6 +622,8 @@ class Trainer:
             resumed_at_step=resume_step,
             resumed_from_world_size=self.resumed_from_world_size,
             grad_accum_steps=cfg.train.grad_accum_steps,
+            tensor_parallel=cfg.parallel.tensor,
+            data_parallel_size=self.layout.data_size,
         ).to_dict()
 
     def _stop_pending(self) -> bool:

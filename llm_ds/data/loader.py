@@ -248,11 +248,12 @@ def build_loaders(
     grad_accum_steps: int = 1,
 ) -> Loaders:
     """The train and validation loaders for this rank; an epoch is a whole number of global batches of
-    ``micro_batch_size * grad_accum_steps * world_size`` sequences."""
+    ``micro_batch_size * grad_accum_steps * world_size`` sequences. ``rank`` and ``world_size`` count the
+    ranks that split the data (data-parallel ranks: a tensor group reads one share)."""
     common = {"collate_fn": collate, "pin_memory": pin_memory, "num_workers": cfg.num_workers}
     if cfg.num_workers:
         common["persistent_workers"] = False
-    cfg = _agreed_hub_commits(cfg, rank)
+    cfg = _agreed_hub_commits(cfg)
     if cfg.streaming:
         return _build_streaming(cfg, tokenizer, micro_batch_size, rank, world_size, seed, eval_max_batches, common)
     arrays, info = load_or_build_arrays(cfg, tokenizer, seed, is_builder=local_rank == 0)
@@ -356,7 +357,7 @@ def _check_dataset(dataset, name: str, block_size: int) -> None:
 _hub_agreements = itertools.count()  # one store key per agreement: a second run in this process waits anew
 
 
-def _agreed_hub_commits(cfg: DataConfig, rank: int) -> DataConfig:
+def _agreed_hub_commits(cfg: DataConfig) -> DataConfig:
     """``pin_hub_commits`` on rank 0, its answer handed to every rank through the process group's store, so
     that all ranks key and load one commit even if the hub moves on meanwhile."""
     if not has_hub_sources(cfg):
@@ -365,7 +366,7 @@ def _agreed_hub_commits(cfg: DataConfig, rank: int) -> DataConfig:
         return pin_hub_commits(cfg)
     store = torch.distributed.distributed_c10d._get_default_store()
     key = f"{HUB_COMMITS_KEY}/{next(_hub_agreements)}"
-    if rank == 0:
+    if torch.distributed.get_rank() == 0:
         pinned = pin_hub_commits(cfg)
         revisions = [[s.revision for s in pinned.sources], [s.revision for s in pinned.val_sources]]
         store.set(key, json.dumps(revisions))

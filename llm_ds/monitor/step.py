@@ -45,10 +45,12 @@ class StepMetrics:
         flops_per_token: int | None,
         peak_tflops: float | None,
         rss_before_model: int,
+        replicas: int = 1,
     ):
         self.engine, self.world_size, self.block_size = engine, world_size, block_size
         self.tokens_per_step, self.flops_per_token, self.peak_tflops = tokens_per_step, flops_per_token, peak_tflops
         self.rss_before_model = rss_before_model
+        self.replicas = replicas  # ranks that read the same batch (a tensor group): real tokens counted once
         self.data_wait_s = 0.0  # this rank's time waiting for batches since the last log point
         self._real_tokens = torch.zeros((), device=engine.device, dtype=torch.float64)
         self._stragglers = StragglerWatch(STRAGGLER_LAG, points=3)
@@ -97,6 +99,7 @@ class StepMetrics:
         losses, real, times, waits, alloc, reserved, rsses, peaks, befores = (
             list(col) for col in zip(*rows, strict=True)
         )
+        real = [n / self.replicas for n in real]
         for mem, before, peak, allocated in zip(self.rank_memory, befores, peaks, alloc, strict=True):
             mem[:] = [int(before), max(mem[1], int(peak)), max(mem[2], int(allocated))]
         tokens = interval_steps * self.tokens_per_step

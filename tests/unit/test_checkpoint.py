@@ -12,7 +12,7 @@ from llm_ds.checkpoint import (
     set_rng_state,
     verify,
 )
-from llm_ds.config import ConfigError, load_run_config
+from llm_ds.config import ConfigError, dump_run_config, load_run_config
 
 
 def fake_checkpoint(ckpt_dir, step, complete=True, files=None):
@@ -85,11 +85,13 @@ def test_rng_state_round_trips_through_json():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
-def resized(tmp_path, world_size, *overrides, saved_ranks=2, global_batch=8):
+def resized(tmp_path, world_size, *overrides, saved_ranks=2, global_batch=8, saved_tensor=1):
     tag = fake_checkpoint(tmp_path / "ckpt", 10)
     (tag / COMPLETE).write_text(json.dumps({"step": 10, "world_size": saved_ranks, "files": {}}))
     (tag / "llm_ds").mkdir()
     (tag / "llm_ds" / "ds_config.json").write_text(json.dumps({"train_batch_size": global_batch}))
+    saved = load_run_config(None, [f"parallel.tensor={saved_tensor}"])
+    (tag / "llm_ds" / "config.yaml").write_text(dump_run_config(saved))
     cfg = load_run_config(None, ["train.micro_batch_size=4", "train.grad_accum_steps=1", *overrides])
     return fit_world_size(tag, cfg, world_size)
 
@@ -126,3 +128,27 @@ def test_a_world_size_the_global_batch_does_not_fit_is_refused_with_what_works(
         resized(tmp_path, world_size, *overrides)
     assert f"was written by 2 rank(s) and this run has {world_size}" in str(err.value)
     assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "world_size, saved_tensor, overrides, expected",
+    [
+        (2, 2, [], "was written with parallel.tensor=2, parallel.pipeline=1 and this run has parallel.tensor=1, "
+                   "parallel.pipeline=1: resume it with --set parallel.tensor=2 --set parallel.pipeline=1, or start "
+                   "a new run from its weights: llm-ds export"),
+        (4, 2, ["parallel.tensor=2"], "was written by 2 rank(s) and this run has 4: a checkpoint with "
+                                      "parallel.tensor=2, parallel.pipeline=1 resumes on its own 2 rank(s)"),
+    ],
+)  # fmt: skip
+def test_a_tensor_parallel_checkpoint_resumes_with_its_own_split(
+    tmp_path, world_size, saved_tensor, overrides, expected
+):
+    with pytest.raises(ConfigError, match=None) as err:
+        resized(tmp_path, world_size, *overrides, saved_tensor=saved_tensor)
+    assert expected in str(err.value)
+
+
+def test_tensor_parallel_ranks_share_the_global_batch_as_one(tmp_path):
+    # 4 ranks, tensor groups of 2: 2 data-parallel ranks of 4 sequences make the global batch of 8.
+    cfg, note = resized(tmp_path, 4, "parallel.tensor=2", saved_ranks=4, saved_tensor=2)
+    assert (cfg.train.grad_accum_steps, note) == (1, None)

@@ -189,6 +189,16 @@ def test_dry_run_prints_the_command_and_masks_secrets(tmp_path, capsys, monkeypa
         ("a slots=2\n", ["--max-restarts", "-1"], "--max-restarts -1: give 0 (no restart) or more"),
         ("a slots=2\nb slots=2\n", ["--max-restarts", "2", "--exclude", "b"], "with --include/--exclude: write"),
         (
+            "a slots=3\nb slots=3\n",
+            ["--set", "parallel.tensor=2"],
+            "`parallel.tensor` must divide the ranks of every node (a runs 3): a tensor group never spans",
+        ),
+        (
+            "a slots=3\n",
+            ["--set", "parallel.tensor=2"],
+            "parallel.tensor` x `parallel.pipeline` = 2 x 1 = 2 does not divide the world size of 3 rank(s)",
+        ),
+        (
             "a slots=2\n",
             ["--ds_config", "ds_configs/zero3_offload.json", "--set", "train.nvme_path={typo}/nvme"],
             "/nvme: not writable here",
@@ -254,6 +264,7 @@ def test_a_launch_that_cannot_resume_its_checkpoint_on_these_ranks_stops_before_
     (tag / "llm_ds").mkdir(parents=True)
     (tag / "COMPLETE").write_text(json.dumps({"step": 10, "world_size": 2, "files": {}}))
     (tag / "llm_ds" / "ds_config.json").write_text(json.dumps({"train_batch_size": 8}))
+    (tag / "llm_ds" / "config.yaml").write_text("parallel: {tensor: 1, pipeline: 1}\n")
     (tmp_path / "hosts").write_text("a slots=3\n")
     base = ["launch", "--hostfile", str(tmp_path / "hosts"), "--dry-run", "--set", f"train.output_dir={tmp_path}/r"]
     assert main([*base, "--set", "train.micro_batch_size=4"]) == 2

@@ -1,0 +1,87 @@
+"""Tensor parallelism's arithmetic and checks, and GPT-2 in the form AutoTP splits."""
+
+import pytest
+import torch
+
+from llm_ds.config import ConfigError, ModelConfig, load_run_config
+from llm_ds.ds_config import load_ds_template, resolve_ds_config
+from llm_ds.model import build_model
+from llm_ds.parallel import Layout
+from llm_ds.parallel import tensor as tp
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["parallel.tensor=3"], "`parallel.tensor` must divide model.n_head (4): each rank holds whole attention"),
+        (["parallel.tensor=0"], "`parallel.tensor` must be > 0, got 0"),
+        (["parallel.pipeline=5"], "`parallel.pipeline` must be <= model.n_layer (4): each stage holds at least one"),
+        (["parallel.tensr=2"], "unknown key `parallel.tensr`; did you mean `parallel.tensor`?"),
+    ],
+)
+def test_a_split_the_model_cannot_take_is_refused_naming_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(None, overrides)
+    assert expected in str(err.value)
+
+
+def test_data_parallel_ranks_are_the_world_over_the_model_split():
+    cfg = load_run_config(None, ["parallel.tensor=2"])
+    assert [cfg.data_parallel_size(n) for n in (2, 4, 16)] == [1, 2, 8]
+    with pytest.raises(ConfigError, match="= 2 does not divide the world size of 3 rank"):
+        cfg.data_parallel_size(3)
+    cfg.check_ranks_per_node({"a": 8, "b": 2})
+    with pytest.raises(ConfigError, match=r"must divide the ranks of every node \(b runs 3\)"):
+        cfg.check_ranks_per_node({"a": 8, "b": 3})
+
+
+def test_the_global_batch_counts_data_parallel_ranks_only():
+    cfg = load_run_config(None, ["parallel.tensor=2", "train.micro_batch_size=4", "train.grad_accum_steps=3"])
+    ds = resolve_ds_config(load_ds_template(None), cfg, 8, "fp32", total_steps=10)
+    assert ds["train_batch_size"] == 4 * 3 * 4
+    assert ds["tensor_parallel"] == {"autotp_size": 2}
+    plain = resolve_ds_config(load_ds_template(None), load_run_config(None, []), 8, "fp32", total_steps=10)
+    assert "tensor_parallel" not in plain
+
+
+def test_deepspeed_settings_that_contradict_the_split_are_refused():
+    template = {**load_ds_template(None), "tensor_parallel": {"autotp_size": 4}}
+    with pytest.raises(ConfigError, match=r"tensor_parallel: autotp_size=4 contradicts parallel.tensor=2"):
+        resolve_ds_config(template, load_run_config(None, ["parallel.tensor=2"]), 4, "fp32", 10, "t.json")
+    with pytest.raises(ConfigError, match=r"autotp_size=4 contradicts parallel.tensor=1"):
+        resolve_ds_config(template, load_run_config(None, []), 4, "fp32", 10, "t.json")
+    batch = {**load_ds_template(None), "train_batch_size": 32}
+    with pytest.raises(ConfigError, match=r"x data-parallel ranks \(2 of 4\) = 16"):
+        resolve_ds_config(batch, load_run_config(None, ["parallel.tensor=2"]), 4, "fp32", 10, "t.json")
+    with pytest.raises(ConfigError, match="`parallel.pipeline`=2: pipeline parallelism is not available"):
+        resolve_ds_config(load_ds_template(None), load_run_config(None, ["parallel.pipeline=2"]), 4, "fp32", 10)
+
+
+def test_layout_puts_a_tensor_group_on_neighbouring_ranks():
+    places = [Layout(rank, 8, tensor=2) for rank in range(8)]
+    assert [p.data_rank for p in places] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [p.tensor_rank for p in places] == [0, 1] * 4
+    assert {p.data_size for p in places} == {4}
+
+
+@pytest.mark.parametrize("fused_loss", [True, False])
+def test_gpt2_with_linear_layers_computes_the_same_function(fused_loss):
+    model = build_model(ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=32, fused_loss=fused_loss), 128, seed=3)
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=tokens, labels=tokens).loss, model(input_ids=tokens).logits
+    section, transposed = tp.prepare(model, 2)
+    assert section["autotp_size"] == 2 and section["partition_config"]["layer_specs"] == tp.GPT2_LAYER_SPECS
+    assert len(transposed) == 2 * 4 and "transformer.h.0.attn.c_attn.weight" in transposed
+    assert all(type(m).__name__ != "Conv1D" for m in model.modules())
+    assert tuple(model.get_parameter("transformer.h.0.attn.c_attn.weight").shape) == (96, 32)  # [out, in]
+    with torch.no_grad():
+        after = model(input_ids=tokens, labels=tokens).loss, model(input_ids=tokens).logits
+    torch.testing.assert_close(after[0], before[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(after[1], before[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_pretrained_model_whose_heads_do_not_split_is_refused():
+    model = build_model(ModelConfig(n_layer=1, n_embd=24, n_head=6, n_positions=16), 64)
+    with pytest.raises(ConfigError, match="must divide the model's 6 attention heads"):
+        tp.prepare(model, 4)
