@@ -44,6 +44,7 @@ COMMON = [
     "checkpoint.resume=never",
 ]
 UNFUSED = ["--set", "model.fused_loss=false"]
+PIPELINE = ["--set", "parallel.pipeline=2", "--set", "train.micro_batch_size=4", "--set", "train.grad_accum_steps=2"]
 PADDING = [
     "--set",
     "data.block_size=1024",
@@ -147,6 +148,10 @@ def main() -> None:
         "c_llm_ds_zero3_2ranks": lambda: run_llm_ds(
             ds_template(3, folder), 2, ["--set", "train.micro_batch_size=4"], cache
         ),
+        # The model split over the 2 ranks instead of replicated: each layer (tensor), or the layers (pipeline,
+        # 2 micro-batches of 4 in flight).
+        "c_llm_ds_tp2_2ranks": lambda: run_llm_ds(ds_template(1, folder), 2, ["--set", "parallel.tensor=2"], cache),
+        "c_llm_ds_pp2_2ranks": lambda: run_llm_ds(ds_template(1, folder), 2, PIPELINE, cache),
         "d_packed_1024": lambda: run_llm_ds(ds_template(1, folder), 1, PADDING, cache),
         "d_padded_1024": lambda: run_llm_ds(
             ds_template(1, folder), 1, [*PADDING, "--set", "data.packing=false"], cache
@@ -172,6 +177,9 @@ def main() -> None:
         "llm_ds_zero1_vs_hf_trainer": med["b_llm_ds_zero1_1rank"] / med["a_hf_trainer_1rank"],
         "llm_ds_zero1_vs_hf_trainer_process": figures["a_hf_trainer_1rank"]["process_s"]["median"]
         / figures["b_llm_ds_zero1_1rank"]["process_s"]["median"],
+        # 2 CPU ranks, the same global batch: the model split (tensor, pipeline) against replicated (ZeRO-1).
+        "tp2_vs_dp2": med["c_llm_ds_tp2_2ranks"] / med["c_llm_ds_zero1_2ranks"],
+        "pp2_vs_dp2": med["c_llm_ds_pp2_2ranks"] / med["c_llm_ds_zero1_2ranks"],
         "packed_vs_padded_real_tokens": figures["d_packed_1024"]["real_tokens_per_s"]["median"]
         / figures["d_padded_1024"]["real_tokens_per_s"]["median"],
     }

@@ -15,6 +15,11 @@ The results file is rewritten after every variant, so a run cut short keeps what
 
 ``--smoke`` runs the same machinery with the tiny recipe for a few steps (also on CPU), to check
 the script before spending GPU time on it.
+
+On a machine with two GPUs or more, three more variants run llm-ds on 2 GPUs with the same global batch
+(twice the micro-batch): ``zero1_dp2`` (2 data-parallel ranks), ``zero1_tp2`` (``parallel.tensor=2``,
+2 micro-batches accumulated) and ``zero1_pp2`` (``parallel.pipeline=2``, 4 half micro-batches through
+the pipeline); with one GPU they are recorded as skipped (with ``--smoke`` they run on 2 CPU ranks).
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ def choose_micro_batch(cluster: plan.Cluster | None, seq: int) -> int:
 def planned_peak(cluster: plan.Cluster | None, seq: int, micro: int, name: str) -> int | None:
     """What `llm-ds plan` says an llm-ds variant allocates at its peak (torch's max_memory_allocated
     counts no CUDA context and no allocator slack, so neither does this)."""
-    if cluster is None or not name.startswith("zero"):
+    if cluster is None or not name.startswith("zero") or two_gpu_sets(name, micro):
         return None
     template = json.loads((ROOT / "ds_configs" / f"zero{name[4]}.json").read_text())
     shape = gpt2_124m(seq, "_transformers_loss" not in name)
@@ -147,10 +152,27 @@ def plain(config: str, sets: list[str], compiled: bool, timeout: float) -> dict:
     }
 
 
-def llm_ds(config: str, sets: list[str], name: str, out: str, timeout: float) -> dict:
-    """``name``: zero<stage>[_transformers_loss][_compile]."""
+# 2-GPU variants: the split, and (micro-batch divisor, accumulation) for a global batch of 2 micro-batches.
+TWO_GPUS = {"_dp2": ([], 1, 1), "_tp2": (["parallel.tensor=2"], 1, 2), "_pp2": (["parallel.pipeline=2"], 2, 4)}
+
+
+def two_gpu_sets(name: str, micro: int) -> tuple[list[str], int] | None:
+    """The ``--set`` arguments of a 2-GPU variant (None for a 1-GPU one), and its micro-batch."""
+    suffix = next((k for k in TWO_GPUS if name.endswith(k)), None)
+    if suffix is None:
+        return None
+    split, divisor, accum = TWO_GPUS[suffix]
+    micro = max(1, micro // divisor)
+    sets = [*split, f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}"]
+    return [a for x in sets for a in ("--set", x)], micro
+
+
+def llm_ds(config: str, sets: list[str], name: str, out: str, timeout: float, micro: int = 1) -> dict:
+    """``name``: zero<stage>[_transformers_loss][_compile] on one GPU, or zero1_dp2/_tp2/_pp2 on two."""
+    two = two_gpu_sets(name, micro)
+    runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"] if two else [sys.executable]
     cmd = [
-        sys.executable,
+        *runner,
         str(ROOT / "llm_ds" / "train.py"),
         "--config",
         config,
@@ -159,6 +181,7 @@ def llm_ds(config: str, sets: list[str], name: str, out: str, timeout: float) ->
         *sets,
         *(["--set", "train.compile=true"] if name.endswith("_compile") else []),
         *(["--set", "model.fused_loss=false"] if "_transformers_loss" in name else []),
+        *(two[0] if two else []),
     ]
     proc = run(cmd, timeout)
     if proc.returncode:
@@ -177,7 +200,9 @@ def llm_ds(config: str, sets: list[str], name: str, out: str, timeout: float) ->
     }
 
 
-VARIANTS = "plain,zero1,zero1_transformers_loss,plain_compile,zero1_compile,zero2,zero2_compile"
+VARIANTS = (
+    "plain,zero1,zero1_transformers_loss,plain_compile,zero1_compile,zero2,zero2_compile,zero1_dp2,zero1_tp2,zero1_pp2"
+)
 
 
 def ratios(results: dict[str, dict]) -> dict[str, float | None]:
@@ -193,6 +218,9 @@ def ratios(results: dict[str, dict]) -> dict[str, float | None]:
         # DeepSpeed and the driver alone, with the plain loop's loss; and what the fused loss adds.
         "zero1_transformers_loss_vs_plain": ratio("zero1_transformers_loss", "plain"),
         "fused_loss_vs_transformers_loss": ratio("zero1", "zero1_transformers_loss"),
+        # 2 GPUs, the same global batch: splitting the model against replicating it.
+        "tp2_vs_dp2": ratio("zero1_tp2", "zero1_dp2"),
+        "pp2_vs_dp2": ratio("zero1_pp2", "zero1_dp2"),
     }
 
 
@@ -285,7 +313,12 @@ def main() -> None:
         tmp.replace(path)
 
     print(f"{card}: GPT-2 {n_params:,} parameters, sequence {seq}, micro-batch {micro}, {steps} steps", flush=True)
+    gpus = torch.cuda.device_count()
     for name in args.variants.split(","):
+        if two_gpu_sets(name, micro) and gpus < 2 and not args.smoke:  # --smoke: 2 CPU ranks check the script
+            results[name] = {"skipped": f"needs 2 GPUs, this machine has {gpus}"}
+            write()
+            continue
         left, need = deadline_at - time.time(), expected_seconds(name, results)
         if left < need:
             results[name] = {"skipped": f"needs about {need:.0f} s, {max(left, 0):.0f} s left before --deadline"}
@@ -301,7 +334,7 @@ def main() -> None:
             if name.startswith("plain"):
                 r = plain(config, sets, compiled, timeout)
             else:
-                r = llm_ds(config, sets, name, out, timeout)
+                r = llm_ds(config, sets, name, out, timeout, micro)
         except subprocess.TimeoutExpired:
             r = {"error": f"timed out after {timeout:.0f} s"}
         r["wall_s"] = time.perf_counter() - start

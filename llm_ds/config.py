@@ -362,7 +362,11 @@ class ParallelConfig:
         "tensor-parallel ranks per replica (DeepSpeed's AutoTP): each layer's matrices split over them; divides "
         "`model.n_head` and the ranks per node",
     )
-    pipeline: int = opt(1, "pipeline stages per replica, at most `model.n_layer` (this version runs 1)")
+    pipeline: int = opt(
+        1,
+        "pipeline stages per replica (DeepSpeed's pipeline engine, GPT-2 of the model section): the layers split "
+        "into stages that pass activations on; at most `model.n_layer`; ZeRO stage 0 or 1",
+    )
 
     def validate(self) -> None:
         _check(self.tensor > 0, "parallel.tensor", self.tensor, "must be > 0")

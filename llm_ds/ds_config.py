@@ -334,7 +334,7 @@ def resolve_ds_config(
 
 def _fill_parallel(ds: dict[str, Any], cfg: RunConfig, where: str) -> None:
     """DeepSpeed's ``tensor_parallel.autotp_size`` from ``parallel.tensor`` (AutoTP combines with every ZeRO
-    stage); refuse what this version cannot run."""
+    stage); refuse what DeepSpeed cannot combine with ``parallel.pipeline``."""
     tp = cfg.parallel.tensor
     if tp > 1 or "tensor_parallel" in ds:
         section = ds.setdefault("tensor_parallel", {})
@@ -342,10 +342,17 @@ def _fill_parallel(ds: dict[str, Any], cfg: RunConfig, where: str) -> None:
             _fill(section, "autotp_size", tp, f"{where} tensor_parallel", "parallel.tensor")
         else:
             section["autotp_size"] = 0  # DeepSpeed's "off"
-    if cfg.parallel.pipeline > 1:
+    pp = cfg.parallel.pipeline
+    if pp > 1 and tp > 1:
         raise ConfigError(
-            f"`parallel.pipeline`={cfg.parallel.pipeline}: pipeline parallelism is not available in this version "
-            f"of llm-ds; for a model too big for one device use parallel.tensor, or ZeRO-3 with offload"
+            f"`parallel.pipeline`={pp} with `parallel.tensor`={tp}: DeepSpeed's pipeline engine does not take AutoTP; "
+            f"choose one of them (set the other to 1)"
+        )
+    stage = zero_stage(ds)
+    if pp > 1 and stage > 1:
+        raise ConfigError(
+            f"DeepSpeed config {where}: zero_optimization.stage={stage} with `parallel.pipeline`={pp}: DeepSpeed's "
+            f"pipeline engine takes ZeRO stage 0 or 1 (ds_configs/zero1.json)"
         )
 
 

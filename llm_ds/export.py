@@ -40,7 +40,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     ours = path / OURS
     config = AutoConfig.from_pretrained(str(ours / "hf_config"))
     model = AutoModelForCausalLM.from_config(config)
-    state_dict = fp32_state_dict(path, model.state_dict())
+    state_dict = fp32_state_dict(path)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
@@ -61,36 +61,69 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def fp32_state_dict(path: Path, like: dict) -> dict:
-    """The fp32 weights of checkpoint ``path``, whole. ZeRO shards of one replica are joined by DeepSpeed's
-    ``zero_to_fp32``; the shards of tensor-parallel ranks by its universal form (per-parameter fp32 weights,
-    joined along the dimensions AutoTP split them), made once in ``<path>/universal``. Weights trained as
-    ``nn.Linear`` (GPT-2's ``Conv1D`` for tensor parallelism) are given back in ``like``'s layout."""
-    import torch
-
-    from llm_ds.checkpoint import UNIVERSAL, make_universal, saved_model_parallel
+def fp32_state_dict(path: Path) -> dict:
+    """The fp32 weights of checkpoint ``path``, whole, by Hugging Face name. ZeRO shards of one replica are
+    joined by DeepSpeed's ``zero_to_fp32``; the shards of tensor-parallel ranks and pipeline stages by its
+    universal form (per-parameter fp32 weights, joined along the dimensions AutoTP split them), made once in
+    ``<path>/universal``. Weights trained as ``nn.Linear`` (GPT-2's ``Conv1D`` for tensor parallelism) are
+    given back in ``Conv1D``'s layout."""
+    from llm_ds.checkpoint import saved_parallel
 
     manifest = json.loads((path / OURS / "manifest.json").read_text())
+    split = saved_parallel(path)
+    has_shards = any(path.glob("*_optim_states.pt"))
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its progress; stdout is for our output
-        if saved_model_parallel(path) == 1:
+        if split["tensor"] == split["pipeline"] == 1:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        elif has_shards:
+            state_dict = _universal_weights(path, split["pipeline"] > 1)
+        elif split["pipeline"] > 1:
+            state_dict = _pipeline_layer_files(path)  # without ZeRO the layers' own weights are the fp32 ones
         else:
-            if not any(path.glob("*_optim_states.pt")):
-                raise CheckpointError(
-                    f"checkpoint {path}: a tensor-parallel checkpoint without ZeRO shards (ZeRO stage 0) cannot be "
-                    f"exported; train with ZeRO stage 1 or more (ds_configs/zero1.json)"
-                )
-            weights = (path / UNIVERSAL if (path / UNIVERSAL / COMPLETE).is_file() else make_universal(path)) / "zero"
-            state_dict = {
-                name: torch.load(weights / name / "fp32.pt", map_location="cpu", weights_only=False)["param"]
-                for name in like
-                if (weights / name / "fp32.pt").is_file()
-            }
+            raise CheckpointError(
+                f"checkpoint {path}: a tensor-parallel checkpoint without ZeRO shards (ZeRO stage 0) cannot be "
+                f"exported; train with ZeRO stage 1 or more (ds_configs/zero1.json)"
+            )
     for name in manifest.get("transposed", []):
         state_dict[name] = state_dict[name].t().contiguous()
     return state_dict
+
+
+def _universal_weights(path: Path, pipeline: bool) -> dict:
+    import torch
+
+    from llm_ds.checkpoint import UNIVERSAL, make_universal
+
+    universal = path / UNIVERSAL if (path / UNIVERSAL / COMPLETE).is_file() else make_universal(path)
+    rename = _pipeline_names(path) if pipeline else (lambda name: name)
+    return {
+        rename(f.parent.name): torch.load(f, map_location="cpu", weights_only=False)["param"]
+        for f in sorted((universal / "zero").glob("*/fp32.pt"))
+    }
+
+
+def _pipeline_layer_files(path: Path) -> dict:
+    import torch
+
+    rename = _pipeline_names(path)
+    state_dict = {}
+    for f in sorted(path.glob("layer_*-model_states.pt")):
+        layer = int(f.name.split("-")[0].removeprefix("layer_"))
+        weights = torch.load(f, map_location="cpu", weights_only=False)
+        state_dict.update({rename(f"{layer}.{k}"): v.float() for k, v in weights.items()})
+    return state_dict
+
+
+def _pipeline_names(path: Path):
+    """Pipeline layer names to GPT-2's, for the model the checkpoint at ``path`` holds."""
+    from transformers import AutoConfig
+
+    from llm_ds.parallel.pipeline import hf_name
+
+    n_layer = AutoConfig.from_pretrained(str(path / OURS / "hf_config")).n_layer
+    return lambda name: hf_name(name, n_layer)
 
 
 def generate(

@@ -115,7 +115,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = No
     return model
 
 
-def init_gpt2_weights(model: torch.nn.Module, seed: int, n_layer: int, std: float = 0.02) -> None:
+def init_gpt2_weights(model: torch.nn.Module, seed: int, n_layer: int, std: float = 0.02, prefix: str = "") -> None:
     """GPT-2's initialisation, drawn per parameter from a generator seeded by (seed, name).
 
     Weights depend only on the seed and the parameter's name, not on construction order, so a
@@ -128,9 +128,10 @@ def init_gpt2_weights(model: torch.nn.Module, seed: int, n_layer: int, std: floa
     replaces ``torch.randn``, ``torch.empty`` and the other constructors with versions that put the
     tensor on the accelerator (where a CPU generator cannot draw it) and cast it to the engine's
     16-bit dtype before our scaling. Each value is rounded to the parameter's dtype once, as the
-    engine rounds a whole model's fp32 weights.
+    engine rounds a whole model's fp32 weights. ``prefix`` names a part of GPT-2 by its place in the whole
+    (``transformer.h.3.``), so that each pipeline stage draws the weights the whole model has.
     """
-    for name, param in model.named_parameters():
+    for name, param in model.named_parameters(prefix=prefix.rstrip(".")):
         gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
         shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
         scale = std / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else std

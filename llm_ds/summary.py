@@ -47,6 +47,7 @@ class RunSummary:
     resumed_from_world_size: int | None  # the ranks that wrote the checkpoint resumed from
     grad_accum_steps: int  # this process's: a resume on another world size changes it, the global batch stays
     tensor_parallel: int = 1  # ranks that split each replica's layers (parallel.tensor)
+    pipeline_parallel: int = 1  # stages each replica's layers are split into (parallel.pipeline)
     data_parallel_size: int | None = None  # replicas that read their own share of each batch
 
     def to_dict(self) -> dict[str, Any]:

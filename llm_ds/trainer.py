@@ -12,7 +12,7 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,14 @@ class TrainState:
     tokens_seen: int = 0  # positions trained on, all ranks
     real_tokens_seen: int = 0  # of which real tokens (not padding), all ranks
     first_train_loss: float | None = None  # step 1's loss, kept across resumes
+
+
+def _whole_gpt2(config) -> torch.nn.Module:
+    """A GPT-2 of ``config`` without memory (on the meta device): for its parameter count and description."""
+    from transformers import GPT2LMHeadModel
+
+    with torch.device("meta"):
+        return GPT2LMHeadModel(config)
 
 
 def compute_total_steps(cfg: RunConfig, n_train_samples: int | None, world_size: int) -> int:
@@ -144,7 +152,7 @@ class Trainer:
                 )
         check_job(self.cfg, template, self.world_size, self.ds_source)  # before any data or model work
         self.cfg.check_ranks_per_node({platform.node(): ranks_per_node(self.world_size)})
-        self.layout = Layout(self.rank, self.world_size, self.cfg.parallel.tensor)
+        self.layout = Layout(self.rank, self.world_size, self.cfg.parallel.tensor, self.cfg.parallel.pipeline)
         seed_rng(cfg.train.seed)
         self._build(template, model, tokenizer, train_dataset, eval_dataset)
 
@@ -204,7 +212,7 @@ class Trainer:
         rss_before_model = psutil.Process().memory_info().rss
         reset_peak_rss()
         module = self._build_model(model)
-        self.n_params = count_parameters(module)
+        self.n_params = count_parameters(module) if cfg.parallel.pipeline == 1 else self._whole_model_parameters(module)
         engine_config, mpu = self._engine_config(), None
         self.transposed: list[str] = []  # GPT-2 weights held as Linear ([out, in]) for tensor parallelism
         if cfg.parallel.tensor > 1:
@@ -235,7 +243,7 @@ class Trainer:
             model_flops_per_token(module, self.n_params, cfg.data.block_size),
             peak_tflops(device, self.precision, cfg.logging.peak_tflops, tf32=cfg.train.tf32),
             rss_before_model,
-            replicas=cfg.parallel.tensor,
+            counts_tokens=self.layout.counts_tokens,
         )
         self.first_step_at: float | None = None  # wall-clock time the first step of this process finished
         self.monitor, self.control, self._manifest = None, None, None
@@ -286,7 +294,9 @@ class Trainer:
         from llm_ds.model import build_model, describe_model, resolve_vocab_size
 
         cfg = self.cfg
-        if isinstance(model, torch.nn.Module):
+        if cfg.parallel.pipeline > 1:
+            model = self._build_pipeline(model)
+        elif isinstance(model, torch.nn.Module):
             if zero_stage(self.ds_config) == 3:
                 logger.info("ZeRO-3 with a model built before the Trainer: every rank held all of it once")
         else:
@@ -311,17 +321,66 @@ class Trainer:
             )
         logger.info(
             "Model parameters: %s; precision %s%s, ZeRO stage %d, %d rank(s)%s on %s",
-            describe_model(model),
+            describe_model(model if cfg.parallel.pipeline == 1 else _whole_gpt2(model.config)),
             self.precision,
             " (TF32 matmuls; train.tf32=false for full fp32)" if self._uses_tf32() else "",
             zero_stage(self.ds_config),
             self.world_size,
-            f" (tensor-parallel {cfg.parallel.tensor} x data-parallel {self.layout.data_size})"
-            if cfg.parallel.tensor > 1
-            else "",
+            self._describe_split(),
             get_accelerator().device_name(),
         )
         return model
+
+    def _describe_split(self) -> str:
+        p = self.cfg.parallel
+        if p.tensor > 1:
+            return f" (tensor-parallel {p.tensor} x data-parallel {self.layout.data_size})"
+        if p.pipeline > 1:
+            return f" (pipeline {p.pipeline} stages x data-parallel {self.layout.data_size})"
+        return ""
+
+    def _build_pipeline(self, model) -> torch.nn.Module:
+        """GPT-2 of the model section (fresh, or ``model.init_from``'s weights) as a pipeline: this rank builds
+        its own stage's layers only (a pretrained model is read whole first)."""
+        from llm_ds.model import build_gpt2_config, build_model, resolve_vocab_size
+        from llm_ds.parallel import pipeline
+
+        cfg = self.cfg
+        if model is not None:
+            raise ConfigError(
+                "`parallel.pipeline` splits the GPT-2 that the model section describes; a model given to the "
+                "Trainer runs with parallel.pipeline=1 (parallel.tensor splits such models)"
+            )
+        size = len(self.tokenizer) if self.tokenizer is not None else None
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        vocab = resolve_vocab_size(cfg.model, size)
+        pretrained = build_model(cfg.model, vocab, eos, seed=cfg.train.seed) if cfg.model.init_from else None
+        if pretrained is not None and getattr(pretrained.config, "model_type", None) != "gpt2":
+            raise ConfigError(
+                f"model.init_from={cfg.model.init_from} is a {pretrained.config.model_type} model: "
+                f"`parallel.pipeline` splits GPT-2 models (parallel.tensor splits others)"
+            )
+        config = pretrained.config if pretrained is not None else build_gpt2_config(cfg.model, vocab, eos)
+        if cfg.parallel.pipeline > config.n_layer:
+            raise ConfigError(
+                f"`parallel.pipeline` must be <= the model's {config.n_layer} layers, got {cfg.parallel.pipeline}"
+            )
+        module = pipeline.build_pipeline(
+            config,
+            cfg.parallel.pipeline,
+            cfg.train.seed,
+            fused_loss=cfg.model.fused_loss,
+            chunk_tokens=cfg.model.loss_chunk_tokens,
+            activation_checkpointing=cfg.model.activation_checkpointing,
+        )
+        if pretrained is not None:
+            pipeline.load_gpt2_weights(module, pretrained.state_dict())
+        return module
+
+    def _whole_model_parameters(self, module) -> int:
+        from llm_ds.model import count_parameters
+
+        return count_parameters(_whole_gpt2(module.config))
 
     def _uses_tf32(self) -> bool:
         return self.precision == "fp32" and torch.cuda.is_available() and self.cfg.train.tf32
@@ -369,7 +428,14 @@ class Trainer:
         return batch
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss, on device."""
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss, on device.
+
+        A pipeline runs its own schedule over the micro-batches (``engine.train_batch``): its first and last
+        stages draw them, and the last stage's loss function is the model's (``compute_loss`` is not called)."""
+        self.state.step += 1
+        self.state.tokens_seen += self.tokens_per_step
+        if self.cfg.parallel.pipeline > 1:
+            return self.engine.train_batch(self._pipeline_feed).detach().float()
         loss_sum = torch.zeros((), device=self.engine.device)
         accum = self.cfg.train.grad_accum_steps
         for _ in range(accum):
@@ -377,9 +443,20 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach().float()
-        self.state.step += 1
-        self.state.tokens_seen += self.tokens_per_step
         return loss_sum / accum
+
+    def _pipeline_batches(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Micro-batches as a pipeline takes them: (inputs for the first stage, labels for the last). A causal
+        model needs no attention mask where padding only ever follows the tokens (as ``data.packing: false``
+        pads): no real token attends to a later position."""
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
+                raise ConfigError(
+                    "`parallel.pipeline`: a batch's attention_mask has padding before tokens; pipelines take "
+                    "packed blocks, or rows padded at the end"
+                )
+            yield batch["input_ids"], batch["labels"]
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -397,7 +474,12 @@ class Trainer:
                 break
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             n_targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-            sums[0] += self.compute_loss(self.engine, batch).double() * n_targets
+            if self.cfg.parallel.pipeline > 1:  # every stage of a pipeline gets its last stage's loss
+                feed = self._pipeline_batches([batch])
+                loss = self.engine.eval_batch(feed, num_micro_batches=1).reshape(())
+            else:
+                loss = self.compute_loss(self.engine, batch)
+            sums[0] += loss.double() * n_targets
             sums[1] += n_targets
         dist.all_reduce(sums)
         self.engine.train()
@@ -537,6 +619,7 @@ class Trainer:
         log_every, eval_every, ckpt_every = cfg.logging.log_interval, cfg.train.eval_interval, cfg.checkpoint.interval
         self.engine.train()
         self._batches = iter(self.train_loader)
+        self._pipeline_feed = self._pipeline_batches(iter(self._next_batch, None))
         fit_start = time.perf_counter()
         interval_loss = torch.zeros((), device=self.engine.device, dtype=torch.float64)
         interval_steps, interval_start = 0, time.perf_counter()
@@ -623,6 +706,7 @@ class Trainer:
             resumed_from_world_size=self.resumed_from_world_size,
             grad_accum_steps=cfg.train.grad_accum_steps,
             tensor_parallel=cfg.parallel.tensor,
+            pipeline_parallel=cfg.parallel.pipeline,
             data_parallel_size=self.layout.data_size,
         ).to_dict()
 

@@ -45,12 +45,12 @@ class StepMetrics:
         flops_per_token: int | None,
         peak_tflops: float | None,
         rss_before_model: int,
-        replicas: int = 1,
+        counts_tokens: bool = True,
     ):
         self.engine, self.world_size, self.block_size = engine, world_size, block_size
         self.tokens_per_step, self.flops_per_token, self.peak_tflops = tokens_per_step, flops_per_token, peak_tflops
         self.rss_before_model = rss_before_model
-        self.replicas = replicas  # ranks that read the same batch (a tensor group): real tokens counted once
+        self.counts_tokens = counts_tokens  # one rank of a replica (a tensor group, a pipeline) counts its tokens
         self.data_wait_s = 0.0  # this rank's time waiting for batches since the last log point
         self._real_tokens = torch.zeros((), device=engine.device, dtype=torch.float64)
         self._stragglers = StragglerWatch(STRAGGLER_LAG, points=3)
@@ -60,6 +60,8 @@ class StepMetrics:
     def count_batch(self, batch: dict[str, torch.Tensor], wait_s: float) -> None:
         """A micro-batch on the device, and how long this rank waited for it. No host sync."""
         self.data_wait_s += wait_s
+        if not self.counts_tokens:
+            return
         mask = batch.get("attention_mask")
         self._real_tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
 
@@ -99,7 +101,6 @@ class StepMetrics:
         losses, real, times, waits, alloc, reserved, rsses, peaks, befores = (
             list(col) for col in zip(*rows, strict=True)
         )
-        real = [n / self.replicas for n in real]
         for mem, before, peak, allocated in zip(self.rank_memory, befores, peaks, alloc, strict=True):
             mem[:] = [int(before), max(mem[1], int(peak)), max(mem[2], int(allocated))]
         tokens = interval_steps * self.tokens_per_step

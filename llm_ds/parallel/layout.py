@@ -1,7 +1,10 @@
-"""Where a rank sits among tensor-parallel and data-parallel ranks.
+"""Where a rank sits among tensor-parallel, pipeline and data-parallel ranks.
 
 DeepSpeed's AutoTP builds its groups from a (data, tensor) mesh: rank = data_rank x tensor + tensor_rank, so
 the ranks of one tensor group are neighbours, on one node when ``parallel.tensor`` divides the ranks per node.
+Its pipeline engine lays ranks out as (pipe, data): rank = stage x data-parallel size + data_rank, so a stage's
+ranks are neighbours and consecutive stages are a data-parallel size apart (on another node, where the
+stages span nodes).
 """
 
 from __future__ import annotations
@@ -11,25 +14,40 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Layout:
-    """One rank's place: ``tensor`` ranks split each replica's layers; ``data_size`` replicas read their own
-    share of every batch."""
+    """One rank's place: ``tensor`` ranks split each layer, ``pipeline`` stages split the layers, and
+    ``data_size`` replicas read their own share of every batch."""
 
     rank: int
     world_size: int
     tensor: int = 1
+    pipeline: int = 1
 
     def __post_init__(self):
-        if self.world_size % self.tensor:
-            raise ValueError(f"parallel.tensor={self.tensor} does not divide the world size of {self.world_size}")
+        if self.world_size % (self.tensor * self.pipeline):
+            raise ValueError(
+                f"parallel.tensor={self.tensor} x parallel.pipeline={self.pipeline} does not divide the world size "
+                f"of {self.world_size}"
+            )
 
     @property
     def data_size(self) -> int:
-        return self.world_size // self.tensor
+        return self.world_size // (self.tensor * self.pipeline)
 
     @property
     def data_rank(self) -> int:
+        if self.pipeline > 1:
+            return self.rank % self.data_size
         return self.rank // self.tensor
 
     @property
     def tensor_rank(self) -> int:
         return self.rank % self.tensor
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.data_size if self.pipeline > 1 else 0
+
+    @property
+    def counts_tokens(self) -> bool:
+        """One rank of each replica counts the tokens it trains on: the first stage's, tensor rank 0."""
+        return self.tensor_rank == 0 and self.stage == 0

@@ -110,7 +110,7 @@ def losses(out) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
-def test_two_nodes_train_like_one_node_with_two_ranks(two_nodes, tmp_path, data_cache):
+def test_two_nodes_train_like_one_node_with_two_ranks_as_replicas_and_as_pipeline_stages(two_nodes, tmp_path, data_cache):
     single, multi = tmp_path / "single", tmp_path / "multi"
     proc = run_driver(train_args(single, data_cache), ranks=2)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -124,6 +124,18 @@ def test_two_nodes_train_like_one_node_with_two_ranks(two_nodes, tmp_path, data_
     assert sorted(got) == sorted(reference) == [1, 5, 10, 15, 20]
     for step in reference:
         assert got[step] == pytest.approx(reference[step], rel=1e-6), step
+
+    # The same training as two pipeline stages, one per node: activations and their gradients cross the nodes.
+    stages = tmp_path / "stages"
+    pipeline = [*train_args(stages, data_cache), "--set", "parallel.pipeline=2", "--set", "train.grad_accum_steps=2"]
+    proc = subprocess.run(multinode_cmd(two_nodes, pipeline), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **two_nodes["env"]})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 rank(s) (pipeline 2 stages x data-parallel 1)" in proc.stdout
+    got = losses(stages)
+    assert sorted(got) == sorted(reference)
+    for step in reference:
+        assert got[step] == pytest.approx(reference[step], rel=1e-4), step
 
 
 def launch_cmd(nodes, args, *options) -> list[str]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llm_ds.config import ConfigError, ModelConfig, load_run_config
-from llm_ds.ds_config import load_ds_template, resolve_ds_config
+from llm_ds.ds_config import DS_CONFIGS_DIR, load_ds_template, resolve_ds_config
 from llm_ds.model import build_model
 from llm_ds.parallel import Layout
 from llm_ds.parallel import tensor as tp
@@ -53,8 +53,14 @@ def test_deepspeed_settings_that_contradict_the_split_are_refused():
     batch = {**load_ds_template(None), "train_batch_size": 32}
     with pytest.raises(ConfigError, match=r"x data-parallel ranks \(2 of 4\) = 16"):
         resolve_ds_config(batch, load_run_config(None, ["parallel.tensor=2"]), 4, "fp32", 10, "t.json")
-    with pytest.raises(ConfigError, match="`parallel.pipeline`=2: pipeline parallelism is not available"):
-        resolve_ds_config(load_ds_template(None), load_run_config(None, ["parallel.pipeline=2"]), 4, "fp32", 10)
+    pipeline = load_run_config(None, ["parallel.pipeline=2"])
+    zero2 = load_ds_template(DS_CONFIGS_DIR / "zero2.json")
+    with pytest.raises(ConfigError, match=r"zero2.json: zero_optimization.stage=2 with `parallel.pipeline`=2: Deep"):
+        resolve_ds_config(zero2, pipeline, 4, "fp32", 10, "zero2.json")
+    both = load_run_config(None, ["parallel.pipeline=2", "parallel.tensor=2"])
+    with pytest.raises(ConfigError, match="pipeline engine does not take AutoTP; choose one of them"):
+        resolve_ds_config(load_ds_template(None), both, 4, "fp32", 10)
+    assert resolve_ds_config(load_ds_template(None), pipeline, 4, "fp32", 10)["train_batch_size"] == 8 * 2
 
 
 def test_layout_puts_a_tensor_group_on_neighbouring_ranks():
@@ -62,6 +68,17 @@ def test_layout_puts_a_tensor_group_on_neighbouring_ranks():
     assert [p.data_rank for p in places] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert [p.tensor_rank for p in places] == [0, 1] * 4
     assert {p.data_size for p in places} == {4}
+    assert [p.counts_tokens for p in places] == [True, False] * 4
+
+
+def test_layout_of_a_pipeline_matches_deepspeeds_topology():
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    topology = PipeDataParallelTopology(num_pp=2, num_dp=3)
+    for rank in range(6):
+        place, coord = Layout(rank, 6, pipeline=2), topology.get_coord(rank)
+        assert (place.stage, place.data_rank) == (coord.pipe, coord.data)
+        assert place.counts_tokens is (coord.pipe == 0)
 
 
 @pytest.mark.parametrize("fused_loss", [True, False])
@@ -85,3 +102,27 @@ def test_a_pretrained_model_whose_heads_do_not_split_is_refused():
     model = build_model(ModelConfig(n_layer=1, n_embd=24, n_head=6, n_positions=16), 64)
     with pytest.raises(ConfigError, match="must divide the model's 6 attention heads"):
         tp.prepare(model, 4)
+
+
+def test_pipeline_layers_draw_the_whole_models_weights_and_compute_its_loss():
+    """Each stage's layers, built alone, hold what the whole GPT-2 holds under the same names, and the layers
+    run in order give its loss (the fused one and transformers')."""
+    from llm_ds.model import build_gpt2_config
+    from llm_ds.parallel import pipeline
+
+    for fused in (True, False):
+        mc = ModelConfig(n_layer=3, n_embd=32, n_head=4, n_positions=32, fused_loss=fused)
+        whole = build_model(mc, 128, seed=5)
+        config = build_gpt2_config(mc, 128)
+        layers = [spec.build() for spec in pipeline.gpt2_layers(config, seed=5)]
+        expected = dict(whole.named_parameters())
+        for i, layer in enumerate(layers[:-1]):  # the last one is the tied table again
+            for name, param in layer.named_parameters():
+                torch.testing.assert_close(param, expected[pipeline.hf_name(f"{i}.{name}", 3)], rtol=0, atol=0)
+        tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+        hidden = tokens
+        for layer in layers[:-1]:
+            hidden = layer(hidden)
+        loss = pipeline.LossFn(fused, None)(pipeline._head(layers[-1], hidden), tokens)
+        with torch.no_grad():
+            torch.testing.assert_close(loss, whole(input_ids=tokens, labels=tokens).loss, rtol=1e-5, atol=1e-6)
