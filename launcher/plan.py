@@ -230,6 +230,8 @@ def _run_values(best: Estimate) -> dict[str, Any]:
         "train.micro_batch_size": c.micro_batch,
         "train.grad_accum_steps": best.grad_accum,
         "model.activation_checkpointing": str(c.activation_checkpointing).lower(),
+        **({"parallel.tensor": c.tensor} if c.tensor > 1 else {}),
+        **({"parallel.pipeline": c.pipeline} if c.pipeline > 1 else {}),
     }
 
 

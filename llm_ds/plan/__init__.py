@@ -34,7 +34,7 @@ slowest link) plus offload traffic; it is an estimate for ranking candidates, st
 
 from llm_ds.plan.memory import activation_bytes, model_states
 from llm_ds.plan.render import breakdown, ds_config_for, table, write_plan
-from llm_ds.plan.search import candidates, estimate, plan, what_would_fit
+from llm_ds.plan.search import candidates, estimate, plan, splits, what_would_fit
 from llm_ds.plan.shapes import (
     NCCL_NVLS_BYTES,
     Candidate,
@@ -66,6 +66,7 @@ __all__ = [
     "model_states",
     "plan",
     "shape_from_config",
+    "splits",
     "step_time",
     "table",
     "what_would_fit",

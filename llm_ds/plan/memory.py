@@ -94,18 +94,33 @@ def block_tensors(activation: str) -> int:
 
 
 def activation_bytes(
-    shape: ModelShape, micro_batch: int, precision: str, checkpointing: bool, on_gpu: bool = True
+    shape: ModelShape,
+    micro_batch: int,
+    precision: str,
+    checkpointing: bool,
+    on_gpu: bool = True,
+    tensor: int = 1,
+    pipeline: int = 1,
+    in_flight: int = 1,
 ) -> dict[str, float]:
-    """Bytes saved for backward by one rank's micro-batch: the blocks' activations, and logits with the loss."""
+    """Bytes saved for backward by one rank's micro-batch: the blocks' activations, and logits with the loss.
+
+    Tensor parallelism splits what the column-split matrices make (q/k/v, the attention output, the MLP's
+    4x-wide tensors: all but the 4 LayerNorm inputs and outputs). A pipeline's first stage holds the
+    activations of its layers for ``in_flight`` micro-batches (1F1B: as many as stages, at most the
+    micro-batches of a step); the loss runs on the last stage, for one micro-batch at a time. The two are
+    added: an upper bound on either stage."""
     e = bytes_per_value(precision)
     tokens = micro_batch * shape.seq
     per_tensor = tokens * shape.n_embd * e
     per_block = block_tensors(shape.activation)
+    per_block = 4 + (per_block - 4) / tensor
+    layers = -(-shape.n_layer // pipeline)
     if checkpointing:
-        blocks = shape.n_layer * per_tensor + per_block * per_tensor
+        blocks = layers * per_tensor * in_flight + per_block * per_tensor
     else:
-        blocks = shape.n_layer * per_block * per_tensor
-    blocks += 2 * per_tensor  # embedding sum, final LayerNorm
+        blocks = layers * per_block * per_tensor * in_flight
+    blocks += 2 * per_tensor * in_flight  # embedding sum, final LayerNorm
     return {"activations": blocks, "logits": loss_bytes(shape, tokens, e, on_gpu)}
 
 

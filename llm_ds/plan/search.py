@@ -44,17 +44,30 @@ def estimate(
     states, activations, logits) and the optimizer step (fp32 gradients and the optimizer's scratch).
     """
     n = cluster.world
+    dp = n // cand.model_parallel  # ZeRO partitions over the data-parallel ranks
     template = template or {}
     zero = template.get("zero_optimization") or {}
-    states = model_states(shape.n_params, shape.largest_layer_params, cand.stage, n, precision, cand, zero)
-    acts = activation_bytes(shape, cand.micro_batch, precision, cand.activation_checkpointing, not cluster.is_cpu)
+    p_dev = shape.params_per_device(cand.tensor, cand.pipeline)
+    states = model_states(p_dev, shape.largest_layer_per_device(cand.tensor), cand.stage, dp, precision, cand, zero)
+    accum = global_batch // (dp * cand.micro_batch)
+    in_flight = min(cand.pipeline, accum) if cand.pipeline > 1 else 1
+    acts = activation_bytes(
+        shape,
+        cand.micro_batch,
+        precision,
+        cand.activation_checkpointing,
+        not cluster.is_cpu,
+        cand.tensor,
+        cand.pipeline,
+        in_flight,
+    )
     d = states["device"]
     device = {
         "model_params": int(d["params"]),
         "live_params": int(d["live_params"]),
         "model_grads": int(d["grads"]),
         "model_optimizer": int(d["optimizer"]),
-        "buckets": int(bucket_bytes(zero, cand.stage, precision, shape.n_params, cluster.is_cpu)),
+        "buckets": int(bucket_bytes(zero, cand.stage, precision, p_dev, cluster.is_cpu)),
         "workspaces": 0 if cluster.is_cpu else cublas_workspace_bytes(cluster.capability),
         "activations": int(acts["activations"]),
         "logits": int(acts["logits"]),
@@ -68,18 +81,18 @@ def estimate(
     r = cluster.ranks_per_node
     host_parts = {
         **states["host"],
-        "nvme_buffers": nvme_buffer_bytes(zero, cand, shape.n_params, n, precision),
+        "nvme_buffers": nvme_buffer_bytes(zero, cand, p_dev, dp, precision),
     }
     offloaded = sum(states["host"].values())
     # Before ZeRO-3's partitioned construction, every rank builds the whole model in fp32 on the host
     # (on CPU ranks, that model is the device's own parameters).
-    load = 0.0 if cand.stage == 3 or cluster.is_cpu else 4 * shape.n_params
+    load = 0.0 if (cand.stage == 3 and cand.tensor == 1) or cluster.is_cpu else 4 * p_dev
     # DeepSpeed's estimators' additional_buffer_factor covers the offload path's staging; NVMe swap
     # buffers are sized exactly.
     host = int(r * (max(offloaded, load) * 1.5 + host_parts["nvme_buffers"]))
     nvme = int(r * states["nvme"])
     parts = step_time(shape, cand, cluster, global_batch, precision)
-    est = Estimate(cand, global_batch // (n * cand.micro_batch), device, host, nvme, sum(parts.values()), parts)
+    est = Estimate(cand, accum, device, host, nvme, sum(parts.values()), parts)
     est.host_states = host_parts
     if cluster.is_cpu:
         fixed = CPU_ZERO_RUNTIME_BYTES if cand.stage > 0 else 0
@@ -104,8 +117,8 @@ def estimate(
 
 
 def candidates(stages=(0, 1, 2, 3), micro_batches=(1, 2, 4, 8, 16, 32, 64), allow_nvme: bool = True):
-    """Every combination DeepSpeed supports: optimizer offload from ZeRO-1 on, parameter offload and
-    NVMe only with ZeRO-3."""
+    """Every combination DeepSpeed supports without model parallelism: optimizer offload from ZeRO-1 on,
+    parameter offload and NVMe only with ZeRO-3."""
     for stage in stages:
         offloads = [("none", "none")]
         if stage in (1, 2):
@@ -120,18 +133,43 @@ def candidates(stages=(0, 1, 2, 3), micro_batches=(1, 2, 4, 8, 16, 32, 64), allo
                     yield Candidate(stage, opt, param, ckpt, mb)
 
 
+def splits(shape: ModelShape, cluster: Cluster) -> list[tuple[int, int]]:
+    """(tensor, pipeline) splits llm-ds runs on the cluster: tensor groups of 2, 4 or 8 within a node that
+    divide the heads; 2 to 16 pipeline stages, at most one per layer; not both at once."""
+    world, per_node = cluster.world, cluster.ranks_per_node
+    tensor = [(t, 1) for t in (2, 4, 8) if per_node % t == 0 and shape.n_head % t == 0]
+    pipeline = [(1, p) for p in (2, 4, 8, 16) if world % p == 0 and p <= shape.n_layer]
+    return tensor + pipeline
+
+
+def split_candidates(shape: ModelShape, cluster: Cluster, global_batch: int):
+    """Tensor-parallel candidates (ZeRO 0-3) and pipelines (ZeRO 0-1), without offload, with every
+    micro-batch that divides the batch of a data-parallel rank."""
+    for tensor, pipeline in splits(shape, cluster):
+        dp = cluster.world // (tensor * pipeline)
+        if global_batch % dp:
+            continue
+        for stage in (0, 1, 2, 3) if pipeline == 1 else (0, 1):
+            for ckpt in (False, True):
+                for mb in (m for m in (1, 2, 4, 8, 16, 32, 64, 128) if (global_batch // dp) % m == 0):
+                    yield Candidate(stage, activation_checkpointing=ckpt, micro_batch=mb, tensor=tensor,
+                                    pipeline=pipeline)  # fmt: skip
+
+
 def plan(
     shape: ModelShape, cluster: Cluster, global_batch: int, precision: str, template: dict[str, Any] | None = None
 ) -> list[Estimate]:
-    """Every candidate whose micro-batch divides the per-rank batch, fastest first (less device memory on ties)."""
+    """Every candidate whose micro-batch divides the batch of a data-parallel rank, with and without tensor or
+    pipeline parallelism, fastest first (less device memory on ties)."""
     if global_batch % cluster.world:
         raise PlanError(f"global batch {global_batch} is not divisible by the {cluster.world} ranks of the hostfile")
     per_rank = global_batch // cluster.world
     sizes = [m for m in (1, 2, 4, 8, 16, 32, 64, 128) if per_rank % m == 0]
-    out = [
-        estimate(shape, c, cluster, global_batch, precision, template)
-        for c in candidates(micro_batches=sizes, allow_nvme=cluster.nvme > 0)
+    every = [
+        *candidates(micro_batches=sizes, allow_nvme=cluster.nvme > 0),
+        *split_candidates(shape, cluster, global_batch),
     ]
+    out = [estimate(shape, c, cluster, global_batch, precision, template) for c in every]
     return sorted(out, key=lambda e: (not e.fits, round(e.step_s, 6), e.device_total))
 
 
@@ -190,7 +228,8 @@ def shrink_to(
     def on(nodes: int) -> dict[str, Any]:
         small = Cluster(**{**asdict(cluster), "nodes": nodes})
         out: dict[str, Any] = {"nodes": nodes, "world_size": small.world, "fits": False}
-        per_rank, rest = divmod(global_batch, small.world)
+        dp, split = divmod(small.world, best.candidate.model_parallel)
+        per_rank, rest = divmod(global_batch, dp) if not split else (0, 1)
         if rest or per_rank % best.candidate.micro_batch:
             out["limits"] = [
                 f"the global batch of {global_batch} at micro-batch {best.candidate.micro_batch} cannot be shared "
@@ -216,7 +255,10 @@ def shrink_to(
     out = results.get(min_nodes) or on(min_nodes)
     out["first_failure"] = next((results[n] for n in counts if not results[n]["fits"]), None)
     unit = math.lcm(
-        *(n * cluster.ranks_per_node * best.candidate.micro_batch for n in range(min_nodes, cluster.nodes + 1))
+        *(
+            max(1, n * cluster.ranks_per_node // best.candidate.model_parallel) * best.candidate.micro_batch
+            for n in range(min_nodes, cluster.nodes + 1)
+        )
     )
     out["batch_for_all"] = -(-global_batch // unit) * unit
     return out

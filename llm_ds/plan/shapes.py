@@ -54,6 +54,20 @@ class ModelShape:
         d = self.n_embd
         return max(self.vocab * d, 4 * d * d + 4 * d)
 
+    def params_per_device(self, tensor: int = 1, pipeline: int = 1) -> int:
+        """Parameters one rank of a replica holds. Tensor parallelism splits each block's matrices and the
+        biases of the column-split ones (q/k/v, the MLP's first matrix), not the LayerNorms, the output
+        projections' biases or the embeddings; pipeline stages share the blocks out evenly, and the first
+        stage, the fullest, also holds the token and position tables."""
+        d = self.n_embd
+        block = (12 * d * d + 7 * d) / tensor + 6 * d
+        blocks = -(-self.n_layer // pipeline)
+        return int(blocks * block + self.vocab * d + self.n_positions * d + (2 * d if pipeline == 1 else 0))
+
+    def largest_layer_per_device(self, tensor: int = 1) -> int:
+        d = self.n_embd
+        return max(self.vocab * d, (4 * d * d + 4 * d) // tensor)
+
     def flops_per_token(self) -> int:
         return training_flops_per_token(
             self.n_params, self.n_positions * self.n_embd, self.n_layer, self.n_embd, self.seq
@@ -92,9 +106,19 @@ class Candidate:
     offload_param: str = "none"  # none | cpu | nvme (ZeRO-3 only)
     activation_checkpointing: bool = False
     micro_batch: int = 1
+    tensor: int = 1  # parallel.tensor
+    pipeline: int = 1  # parallel.pipeline
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor * self.pipeline
 
     def label(self) -> str:
         parts = [f"zero{self.stage}"]
+        if self.tensor > 1:
+            parts.append(f"tp{self.tensor}")
+        if self.pipeline > 1:
+            parts.append(f"pp{self.pipeline}")
         if self.offload_optimizer != "none":
             parts.append(f"opt->{self.offload_optimizer}")
         if self.offload_param != "none":

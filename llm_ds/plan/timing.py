@@ -10,18 +10,29 @@ from llm_ds.plan.shapes import CPU_ADAM_PARAMS_PER_S, HALF_EFFICIENCY_TOKENS, Ca
 
 
 def step_time(shape: ModelShape, cand: Candidate, cluster: Cluster, global_batch: int, precision: str) -> dict:
-    """Seconds per optimizer step, by part: compute, communication, offload."""
+    """Seconds per optimizer step, by part: compute, communication (the data-parallel collectives), offload,
+    and with model parallelism the pipeline bubble, tensor-parallel all-reduces and stage-to-stage traffic.
+
+    Each rank computes its share of the replica's work: the same FLOPs per rank as without model
+    parallelism. A pipeline of S stages over M micro-batches idles (S - 1) / (M + S - 1) of the step. A
+    tensor group all-reduces a micro-batch's activations twice per layer in forward and twice in backward,
+    within the node; consecutive stages pass a micro-batch's activations forward and their gradients back,
+    across nodes where the stages span nodes."""
     n = cluster.world
+    dp = n // cand.model_parallel  # data-parallel ranks
     e = bytes_per_value(precision)
-    accum = global_batch // (n * cand.micro_batch)
-    tokens_per_rank = global_batch // n * shape.seq
+    accum = global_batch // (dp * cand.micro_batch)
+    tokens_per_rank = global_batch * shape.seq / n
     flops = shape.flops_per_token() * tokens_per_rank * (4 / 3 if cand.activation_checkpointing else 1.0)
     micro_tokens = cand.micro_batch * shape.seq
     half = HALF_EFFICIENCY_TOKENS["cpu" if cluster.is_cpu else "gpu"]
     compute = flops / (cluster.tflops * 1e12 * micro_tokens / (micro_tokens + half))
-    bw = (cluster.inter_gbs if cluster.nodes > 1 else cluster.intra_gbs) * 1e9
-    ring = (n - 1) / n * shape.n_params * e  # bytes one rank sends for one reduce-scatter or all-gather
-    if n == 1:
+    # A data-parallel group stays in a node only where a pipeline's stage fits in one (stage-major layout).
+    local = cluster.nodes == 1 or (cand.pipeline > 1 and dp <= cluster.ranks_per_node)
+    bw = (cluster.intra_gbs if local else cluster.inter_gbs) * 1e9
+    p_dev = shape.params_per_device(cand.tensor, cand.pipeline)
+    ring = (dp - 1) / dp * p_dev * e  # bytes one rank sends for one reduce-scatter or all-gather
+    if dp == 1:
         volume = 0.0
     elif cand.stage <= 1:
         volume = 2 * ring  # one all-reduce of the gradients per step
@@ -30,11 +41,22 @@ def step_time(shape: ModelShape, cand: Candidate, cluster: Cluster, global_batch
     else:
         volume = accum * 3 * ring  # all-gather in forward and backward, reduce-scatter per micro-batch
     parts = {"compute": compute, "communication": volume / bw, "offload": 0.0}
-    p_rank = shape.n_params / n
+    activations = micro_tokens * shape.n_embd * e  # one micro-batch's hidden states
+    if cand.tensor > 1:
+        t = cand.tensor
+        passes = 6 if cand.activation_checkpointing else 4  # all-reduces per layer (recomputed forward: 2 more)
+        per_micro = passes * shape.n_layer * 2 * (t - 1) / t * activations
+        parts["tensor_parallel"] = accum * per_micro / (cluster.intra_gbs * 1e9)
+    if cand.pipeline > 1:
+        s = cand.pipeline
+        parts["pipeline_bubble"] = compute * (s - 1) / accum
+        link = cluster.inter_gbs if cluster.nodes > 1 else cluster.intra_gbs
+        parts["pipeline_transfer"] = accum * 2 * activations / (link * 1e9)
+    p_rank = p_dev / dp
     if cand.offload_optimizer != "none":
         # Gradients down and weights up over PCIe; Adam on the node's cores, shared by its ranks.
         parts["offload"] += (4 + e) * p_rank / (cluster.pcie_gbs * 1e9)
-        parts["offload"] += shape.n_params * cluster.ranks_per_node / n / CPU_ADAM_PARAMS_PER_S
+        parts["offload"] += p_dev * cluster.ranks_per_node / dp / CPU_ADAM_PARAMS_PER_S
         if cand.offload_optimizer == "nvme":
             parts["offload"] += 2 * 12 * p_rank * cluster.ranks_per_node / (cluster.nvme_gbs * 1e9)
     if cand.offload_param != "none":

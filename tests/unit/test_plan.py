@@ -313,3 +313,93 @@ def test_min_nodes_says_whether_the_job_can_shrink(tmp_path, capsys):
     assert "a global batch of 1536 can be shared on every count down to it" in out
     code, _, err = run_plan(capsys, *common, "--min-nodes", "5")
     assert code == 2 and "--min-nodes 5: the job has 4 node(s)" in err
+
+
+GPT2_XL = plan.ModelShape(48, 1600, 25, 1024, 50257, 1024)
+GPT_6B7 = plan.ModelShape(32, 4096, 32, 2048, 50257, 2048)
+
+
+def test_a_replica_split_holds_its_share_of_the_parameters():
+    s = GPT2_SMALL
+    d = s.n_embd
+    assert s.params_per_device() == s.n_params
+    # Tensor parallelism splits the blocks' matrices and column-split biases; embeddings stay whole.
+    assert s.params_per_device(tensor=2) == 12 * ((12 * d * d + 7 * d) // 2 + 6 * d) + (50257 + 1024 + 2) * d
+    # The fullest pipeline stage: its share of the blocks and the token and position tables.
+    assert s.params_per_device(pipeline=4) == 3 * (12 * d * d + 13 * d) + (50257 + 1024) * d
+    assert s.params_per_device(pipeline=5) == 3 * (12 * d * d + 13 * d) + (50257 + 1024) * d  # 12 = 3+3+2+2+2
+
+
+def test_splits_follow_the_heads_the_nodes_and_the_layers():
+    two_nodes = cluster(nodes=2, ranks=8)
+    assert plan.splits(GPT2_SMALL, two_nodes) == [(2, 1), (4, 1), (1, 2), (1, 4), (1, 8)]  # 12 layers: not 16
+    assert [t for t, _ in plan.splits(GPT2_XL, two_nodes) if t > 1] == []  # 25 heads: no tensor group of 2-8
+    assert (1, 16) in plan.splits(plan.ModelShape(16, 512, 8, 256, 512, 256), two_nodes)
+
+
+def test_the_pipeline_bubble_and_its_traffic():
+    c = cluster(nodes=2, ranks=8)
+    batch = 256
+    est = plan.estimate(GPT2_SMALL, plan.Candidate(1, micro_batch=4, pipeline=2), c, batch, "bf16", {})
+    parts, m = est.step_parts, est.grad_accum
+    assert m == batch // (8 * 4)  # 8 data-parallel ranks
+    assert parts["pipeline_bubble"] / (parts["compute"] + parts["pipeline_bubble"]) == pytest.approx(1 / (m + 1))
+    # A stage's data-parallel group is one node: its all-reduce runs at NVLink speed; the stages' hand-over
+    # (activations forward, gradients back) crosses the nodes.
+    p_dev = GPT2_SMALL.params_per_device(pipeline=2)
+    assert parts["communication"] == pytest.approx(2 * 7 / 8 * p_dev * 2 / (c.intra_gbs * 1e9))
+    assert parts["pipeline_transfer"] == pytest.approx(m * 2 * 4 * 1024 * 768 * 2 / (c.inter_gbs * 1e9))
+    # Activations: the first stage holds its 6 layers for 2 micro-batches in flight.
+    one = plan.activation_bytes(GPT2_SMALL, 4, "bf16", False)
+    assert est.device["activations"] == pytest.approx(one["activations"], rel=0.01)
+
+
+def test_tensor_parallel_all_reduces_run_in_the_node_and_split_the_activations():
+    c = cluster(nodes=2, ranks=8)
+    est = plan.estimate(GPT2_SMALL, plan.Candidate(1, micro_batch=4, tensor=2), c, 256, "bf16", {})
+    tokens = 4 * 1024
+    per_micro = 4 * 12 * 2 * (1 / 2) * tokens * 768 * 2
+    assert est.step_parts["tensor_parallel"] == pytest.approx(est.grad_accum * per_micro / (c.intra_gbs * 1e9))
+    whole = plan.activation_bytes(GPT2_SMALL, 4, "bf16", False)["activations"]
+    split = est.device["activations"]
+    assert split == pytest.approx(whole * (12 * (4 + 13 / 2) + 2) / (12 * 17 + 2))
+    assert est.device["model_params"] == 2 * GPT2_SMALL.params_per_device(tensor=2)
+
+
+def test_splitting_the_model_is_recommended_where_zero_alone_is_slower():
+    """2 nodes of 8 H100s, 25 GB/s between them: for a 6.7B GPT-2-shaped model, ZeRO's gradient all-reduce
+    over the slow link costs more than a pipeline's bubble; pipeline stages, one per node, win."""
+    c = plan.Cluster(2, 8, "H100", 79.2 * plan.GiB, 2048 * plan.GiB, 0, 395.6, inter_gbs=25.0)
+    ranked = plan.plan(GPT_6B7, c, 512, "bf16", {})
+    best = ranked[0]
+    assert best.fits and best.candidate.pipeline == 2
+    zero_only = next(e for e in ranked if e.fits and e.candidate.model_parallel == 1)
+    assert zero_only.step_s > best.step_s
+    assert zero_only.step_parts["communication"] > (
+        best.step_parts["communication"] + best.step_parts["pipeline_transfer"] + best.step_parts["pipeline_bubble"]
+    )
+
+
+def test_the_plan_command_says_the_split_to_set(tmp_path, capsys):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=8\nb slots=8\n")
+    sets = [
+        "--set",
+        "model.n_layer=32",
+        "--set",
+        "model.n_embd=4096",
+        "--set",
+        "model.n_head=32",
+        "--set",
+        "model.n_positions=2048",
+        "--set",
+        "data.block_size=2048",
+        "--set",
+        "model.vocab_size=50257",
+    ]
+    rc = main(["plan", "--config", "llm_ds/configs/gpt2-124m.yaml", "--hostfile", str(hostfile), "--gpu", "H100",
+               "--cpu-mem-gb", "2048", *sets])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "recommended: zero1+pp2," in out
+    assert "--set parallel.pipeline=2" in out and "pipeline_bubble" in out
