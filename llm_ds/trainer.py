@@ -469,18 +469,23 @@ class Trainer:
         self.engine.eval()
         sums = torch.zeros(2, device=device, dtype=torch.float64)
         limit = self.cfg.train.eval_max_batches
+        shape = None  # a pipeline's stages exchange buffers of the last batch's shape: renewed when it changes
         for i, batch in enumerate(self.eval_loader):
             if limit is not None and i >= limit:
                 break
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             n_targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
             if self.cfg.parallel.pipeline > 1:  # every stage of a pipeline gets its last stage's loss
-                feed = self._pipeline_batches([batch])
-                loss = self.engine.eval_batch(feed, num_micro_batches=1).reshape(())
+                if batch["input_ids"].shape != shape:
+                    shape = batch["input_ids"].shape
+                    self.engine.reset_activation_shape()
+                loss = self.engine.eval_batch(self._pipeline_batches([batch]), num_micro_batches=1).reshape(())
             else:
                 loss = self.compute_loss(self.engine, batch)
             sums[0] += loss.double() * n_targets
             sums[1] += n_targets
+        if shape is not None:
+            self.engine.reset_activation_shape()  # training's shape again
         dist.all_reduce(sums)
         self.engine.train()
         return (sums[0] / sums[1]).item()

@@ -144,6 +144,7 @@ def build_pipeline(
         loss_fn=LossFn(fused_loss, chunk_tokens),
         partition_method="type:Block",
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        checkpointable_layers=["Block"],  # recompute blocks; the embedding's input is token ids
     )
     module.config = config
     count_once_in_the_norm(module)

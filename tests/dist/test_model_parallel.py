@@ -30,8 +30,9 @@ VARIANTS = {
     "tp2_dp2": (4, "zero1.json", 2, 1, 1, 2),  # ZeRO-1 partitions over the 2 data-parallel ranks
     "pp2": (2, "zero1.json", 1, 2, 2, 4),
     "pp2_zero0": (2, "zero0.json", 1, 2, 2, 4),  # DeepSpeed's own clipping path, whose norm llm-ds corrects
-    "pp2_dp2": (4, "zero1.json", 1, 2, 1, 2),
+    "pp2_dp2": (4, "zero1.json", 1, 2, 1, 2),  # and activation checkpointing: the blocks recomputed
 }
+MORE = {"pp2_dp2": ["--set", "model.activation_checkpointing=true"]}
 SPLIT = {"tp2": "tensor-parallel 2 x data-parallel 1", "tp2_zero3": "tensor-parallel 2 x data-parallel 1",
          "tp2_dp2": "tensor-parallel 2 x data-parallel 2", "pp2": "pipeline 2 stages x data-parallel 1",
          "pp2_zero0": "pipeline 2 stages x data-parallel 1", "pp2_dp2": "pipeline 2 stages x data-parallel 2"}
@@ -43,7 +44,7 @@ def args_for(name: str, out, data_cache) -> list[str]:
     return ["--ds_config", template, *COMMON, "--set", f"parallel.tensor={tensor}",
             "--set", f"parallel.pipeline={pipeline}", "--set", f"train.grad_accum_steps={accum}",
             "--set", f"train.eval_max_batches={evals}", "--set", f"train.output_dir={out}",
-            "--set", f"data.cache_dir={data_cache}"]
+            "--set", f"data.cache_dir={data_cache}", *MORE.get(name, [])]
 
 
 def records(out) -> list[dict]:
