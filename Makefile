@@ -115,7 +115,8 @@ bench-memory: install
 	$(PY) bench/bench_memory.py
 
 # One CUDA GPU: GPT-2 124M, sequence 1024, bf16; plain PyTorch against llm-ds ZeRO-1/2, with and without
-# torch.compile; writes bench/results/gpu-<card>.json.
+# torch.compile; with two GPUs or more also data-parallel 2 against tensor-parallel 2 and 2 pipeline stages;
+# writes bench/results/gpu-<card>.json.
 bench-gpu: install
 	PY=$(PY) bash bench/gpu.sh
 
