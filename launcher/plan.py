@@ -136,7 +136,7 @@ def plan_command(args) -> int:
 
     from launcher.cli import validate
     from launcher.command import selected_slots
-    from llm_ds.ds_config import resolve_precision
+    from llm_ds.ds_config import global_batch_size, resolve_precision
 
     # The hostfile, run config and DeepSpeed template pass the same checks as `llm-ds launch`.
     launch_args = argparse.Namespace(
@@ -159,7 +159,7 @@ def plan_command(args) -> int:
     cluster = build_cluster(args, world, nodes, precision, gpu)
     vocab = _vocab_size(cfg)
     shape = shape_from_config(cfg, vocab)
-    global_batch = args.global_batch or cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
+    global_batch = args.global_batch or global_batch_size(cfg, world)
     if global_batch <= 0:
         raise PlanError(f"--global-batch must be > 0, got {global_batch}")
     estimates = plan(shape, cluster, global_batch, precision, template)
@@ -230,8 +230,8 @@ def _run_values(best: Estimate) -> dict[str, Any]:
         "train.micro_batch_size": c.micro_batch,
         "train.grad_accum_steps": best.grad_accum,
         "model.activation_checkpointing": str(c.activation_checkpointing).lower(),
-        **({"parallel.tensor": c.tensor} if c.tensor > 1 else {}),
-        **({"parallel.pipeline": c.pipeline} if c.pipeline > 1 else {}),
+        "parallel.tensor": c.tensor,
+        "parallel.pipeline": c.pipeline,
     }
 
 

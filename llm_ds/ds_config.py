@@ -333,8 +333,8 @@ def resolve_ds_config(
 
 
 def _fill_parallel(ds: dict[str, Any], cfg: RunConfig, where: str) -> None:
-    """DeepSpeed's ``tensor_parallel.autotp_size`` from ``parallel.tensor`` (AutoTP combines with every ZeRO
-    stage); refuse what DeepSpeed cannot combine with ``parallel.pipeline``."""
+    """DeepSpeed's ``tensor_parallel.autotp_size`` from ``parallel.tensor`` (AutoTP combines with ZeRO 1-3);
+    refuse what DeepSpeed cannot combine, and what llm-ds would train but could not export."""
     tp = cfg.parallel.tensor
     if tp > 1 or "tensor_parallel" in ds:
         section = ds.setdefault("tensor_parallel", {})
@@ -349,6 +349,17 @@ def _fill_parallel(ds: dict[str, Any], cfg: RunConfig, where: str) -> None:
             f"choose one of them (set the other to 1)"
         )
     stage = zero_stage(ds)
+    if tp > 1 and stage == 0:
+        raise ConfigError(
+            f"DeepSpeed config {where}: zero_optimization.stage=0 with `parallel.tensor`={tp}: its checkpoints "
+            f"keep the weights in per-rank shards that `llm-ds export` cannot join; use ZeRO stage 1 or more "
+            f"(ds_configs/zero1.json)"
+        )
+    if tp * pp > 1 and cfg.train.compile:
+        raise ConfigError(
+            f"`train.compile` with `parallel.tensor`={tp}, `parallel.pipeline`={pp}: DeepSpeed's compiled engine "
+            f"is not run with a split model here; set train.compile=false"
+        )
     if pp > 1 and stage > 1:
         raise ConfigError(
             f"DeepSpeed config {where}: zero_optimization.stage={stage} with `parallel.pipeline`={pp}: DeepSpeed's "

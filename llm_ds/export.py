@@ -81,10 +81,9 @@ def fp32_state_dict(path: Path) -> dict:
             state_dict = _universal_weights(path, split["pipeline"] > 1)
         elif split["pipeline"] > 1:
             state_dict = _pipeline_layer_files(path)  # without ZeRO the layers' own weights are the fp32 ones
-        else:
+        else:  # llm-ds refuses tensor parallelism without ZeRO before training
             raise CheckpointError(
-                f"checkpoint {path}: a tensor-parallel checkpoint without ZeRO shards (ZeRO stage 0) cannot be "
-                f"exported; train with ZeRO stage 1 or more (ds_configs/zero1.json)"
+                f"checkpoint {path}: a tensor-parallel checkpoint without ZeRO shards (ZeRO stage 0) cannot be exported"
             )
     for name in manifest.get("transposed", []):
         state_dict[name] = state_dict[name].t().contiguous()

@@ -65,6 +65,16 @@ class TrainState:
     first_train_loss: float | None = None  # step 1's loss, kept across resumes
 
 
+def _check_padding_at_the_end(batch: dict[str, torch.Tensor]) -> None:
+    """Pipelines pass no attention mask between stages: padding may only follow a row's tokens."""
+    mask = batch.get("attention_mask")
+    if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ConfigError(
+            "`parallel.pipeline`: a batch's attention_mask has padding before tokens; pipelines take packed "
+            "blocks, or rows padded at the end"
+        )
+
+
 def _whole_gpt2(config) -> torch.nn.Module:
     """A GPT-2 of ``config`` without memory (on the meta device): for its parameter count and description."""
     from transformers import GPT2LMHeadModel
@@ -124,12 +134,17 @@ class Trainer:
         from llm_ds.checkpoint import find_resume_point, fit_world_size, saved_world_size, seed_rng
         from llm_ds.distributed import dist_env, init_distributed, ranks_per_node
         from llm_ds.monitor.logs import setup_logging
-        from llm_ds.parallel import Layout
+        from llm_ds.parallel import Layout, claim_split
 
         self.started_at = started_at if started_at is not None else time.time()
         if not isinstance(cfg, RunConfig):
             raise ConfigError(f"Trainer: cfg must be a RunConfig (load_run_config, RunConfig.from_dict), got {cfg!r}")
         cfg.check()  # fields may have changed since it was made
+        if cfg.parallel.pipeline > 1 and type(self).compute_loss is not Trainer.compute_loss:
+            raise ConfigError(
+                f"{type(self).__name__}.compute_loss: a pipeline computes its loss on its last stage, from the "
+                f"model's loss function; it runs with parallel.pipeline=1 (parallel.tensor takes it)"
+            )
         self.cfg, self.callbacks, self.handle_signals = cfg, list(callbacks), handle_signals
         self.ds_source = ds_config_source(ds_config)
         template = load_ds_template(ds_config)
@@ -152,6 +167,7 @@ class Trainer:
                 )
         check_job(self.cfg, template, self.world_size, self.ds_source)  # before any data or model work
         self.cfg.check_ranks_per_node({platform.node(): ranks_per_node(self.world_size)})
+        claim_split(self.cfg.parallel.tensor, self.cfg.parallel.pipeline)
         self.layout = Layout(self.rank, self.world_size, self.cfg.parallel.tensor, self.cfg.parallel.pipeline)
         seed_rng(cfg.train.seed)
         self._build(template, model, tokenizer, train_dataset, eval_dataset)
@@ -360,6 +376,11 @@ class Trainer:
                 f"model.init_from={cfg.model.init_from} is a {pretrained.config.model_type} model: "
                 f"`parallel.pipeline` splits GPT-2 models (parallel.tensor splits others)"
             )
+        if pretrained is not None and not getattr(pretrained.config, "tie_word_embeddings", True):
+            raise ConfigError(
+                f"model.init_from={cfg.model.init_from} has an output head of its own (tie_word_embeddings: "
+                f"false): `parallel.pipeline` splits GPT-2 with the head tied to the token table"
+            )
         config = pretrained.config if pretrained is not None else build_gpt2_config(cfg.model, vocab, eos)
         if cfg.parallel.pipeline > config.n_layer:
             raise ConfigError(
@@ -372,6 +393,12 @@ class Trainer:
             fused_loss=cfg.model.fused_loss,
             chunk_tokens=cfg.model.loss_chunk_tokens,
             activation_checkpointing=cfg.model.activation_checkpointing,
+            seq=cfg.data.block_size,
+        )
+        logger.info(
+            "pipeline: %s blocks on stages 0-%d (the last also runs the output head and the loss)",
+            " + ".join(str(n) for n in module.stage_blocks),
+            cfg.parallel.pipeline - 1,
         )
         if pretrained is not None:
             pipeline.load_gpt2_weights(module, pretrained.state_dict())
@@ -423,6 +450,8 @@ class Trainer:
         start = time.perf_counter()
         host_batch = next(self._batches)
         wait_s = time.perf_counter() - start
+        if self.cfg.parallel.pipeline > 1:
+            _check_padding_at_the_end(host_batch)
         batch = {k: v.to(self.engine.device, non_blocking=True) for k, v in host_batch.items()}
         self.metrics.count_batch(batch, wait_s)
         return batch
@@ -432,30 +461,26 @@ class Trainer:
 
         A pipeline runs its own schedule over the micro-batches (``engine.train_batch``): its first and last
         stages draw them, and the last stage's loss function is the model's (``compute_loss`` is not called)."""
+        if self.cfg.parallel.pipeline > 1:
+            mean = self.engine.train_batch(self._pipeline_feed).detach().float()
+        else:
+            loss_sum = torch.zeros((), device=self.engine.device)
+            accum = self.cfg.train.grad_accum_steps
+            for _ in range(accum):
+                loss = self.compute_loss(self.engine, self._next_batch())
+                self.engine.backward(loss)
+                self.engine.step()
+                loss_sum += loss.detach().float()
+            mean = loss_sum / accum
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
-        if self.cfg.parallel.pipeline > 1:
-            return self.engine.train_batch(self._pipeline_feed).detach().float()
-        loss_sum = torch.zeros((), device=self.engine.device)
-        accum = self.cfg.train.grad_accum_steps
-        for _ in range(accum):
-            loss = self.compute_loss(self.engine, self._next_batch())
-            self.engine.backward(loss)
-            self.engine.step()
-            loss_sum += loss.detach().float()
-        return loss_sum / accum
+        return mean
 
     def _pipeline_batches(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Micro-batches as a pipeline takes them: (inputs for the first stage, labels for the last). A causal
         model needs no attention mask where padding only ever follows the tokens (as ``data.packing: false``
         pads): no real token attends to a later position."""
         for batch in batches:
-            mask = batch.get("attention_mask")
-            if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
-                raise ConfigError(
-                    "`parallel.pipeline`: a batch's attention_mask has padding before tokens; pipelines take "
-                    "packed blocks, or rows padded at the end"
-                )
             yield batch["input_ids"], batch["labels"]
 
     @torch.no_grad()
@@ -479,10 +504,14 @@ class Trainer:
                 if batch["input_ids"].shape != shape:
                     shape = batch["input_ids"].shape
                     self.engine.reset_activation_shape()
-                loss = self.engine.eval_batch(self._pipeline_batches([batch]), num_micro_batches=1).reshape(())
+                _check_padding_at_the_end(batch)
+                # The last stage's loss function sums over the scored targets, and the engine averages that
+                # over the data-parallel ranks: n_targets weighs each pipeline's batch exactly.
+                with self.engine.module.loss_fn.summed():
+                    total = self.engine.eval_batch(self._pipeline_batches([batch]), num_micro_batches=1)
+                sums[0] += total.double().reshape(())
             else:
-                loss = self.compute_loss(self.engine, batch)
-            sums[0] += loss.double() * n_targets
+                sums[0] += self.compute_loss(self.engine, batch).double() * n_targets
             sums[1] += n_targets
         if shape is not None:
             self.engine.reset_activation_shape()  # training's shape again

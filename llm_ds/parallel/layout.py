@@ -51,3 +51,19 @@ class Layout:
     def counts_tokens(self) -> bool:
         """One rank of each replica counts the tokens it trains on: the first stage's, tensor rank 0."""
         return self.tensor_rank == 0 and self.stage == 0
+
+
+def stage_blocks(n_layer: int, stages: int, head: float) -> list[int]:
+    """Blocks per pipeline stage, balancing compute: the last stage also runs the output head and the loss,
+    worth ``head`` blocks, so it takes fewer blocks; the others share the rest evenly (earlier stages take
+    any extra one). Every stage holds at least one block."""
+    if stages == 1:
+        return [n_layer]
+    rest = stages - 1
+
+    def load(last: int) -> tuple[float, int]:
+        return max(-(-(n_layer - last) // rest), last + head), -last
+
+    last = min(range(1, n_layer - rest + 1), key=load)
+    share, extra = divmod(n_layer - last, rest)
+    return [share + (i < extra) for i in range(rest)] + [last]

@@ -10,9 +10,12 @@ trains exactly the model one rank trains. The loss runs on the last stage: the f
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import GPT2Config
 
+from llm_ds.config import IGNORE_INDEX
 from llm_ds.loss import linear_cross_entropy
 
 TIED_KEY = "wte"
@@ -75,19 +78,30 @@ def _head(embedding: TokenEmbedding, hidden: torch.Tensor):
 
 
 class LossFn:
-    """The loss of the last stage's output (hidden states, output weight) against the unshifted labels."""
+    """The loss of the last stage's output (hidden states, output weight) against the unshifted labels: the
+    mean over scored targets, or inside ``summed()`` their sum (for evaluation weighted by targets)."""
 
     def __init__(self, fused: bool, chunk_tokens: int | None):
-        self.fused, self.chunk_tokens = fused, chunk_tokens
+        self.fused, self.chunk_tokens, self.sum = fused, chunk_tokens, False
+
+    @contextlib.contextmanager
+    def summed(self):
+        self.sum = True
+        try:
+            yield
+        finally:
+            self.sum = False
 
     def __call__(self, outputs, labels: torch.Tensor) -> torch.Tensor:
         hidden, weight = outputs
         if self.fused:
-            return linear_cross_entropy(hidden, weight, labels, self.chunk_tokens)
-        logits = (hidden @ weight.t())[:, :-1].float()
-        return torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-        )
+            loss = linear_cross_entropy(hidden, weight, labels, self.chunk_tokens)
+        else:
+            logits = (hidden @ weight.t())[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        return loss * (labels[:, 1:] != IGNORE_INDEX).sum() if self.sum else loss
 
 
 def hf_name(name: str, n_layer: int) -> str:
@@ -126,6 +140,12 @@ def gpt2_layers(config: GPT2Config, seed: int) -> list:
     ]
 
 
+def head_weight(config: GPT2Config, seq: int) -> float:
+    """The output head's and loss's training FLOPs per token, in blocks' worth (a block: 6 x 12d² + 12dT)."""
+    d = config.n_embd
+    return 6 * config.vocab_size * d / (6 * (12 * d * d + 13 * d) + 12 * d * seq)
+
+
 def build_pipeline(
     config: GPT2Config,
     stages: int,
@@ -133,22 +153,49 @@ def build_pipeline(
     fused_loss: bool = True,
     chunk_tokens: int | None = None,
     activation_checkpointing: bool = False,
+    seq: int | None = None,
 ):
-    """GPT-2 over ``stages`` pipeline stages, the blocks shared out evenly (``type:Block``); each rank builds
+    """GPT-2 over ``stages`` pipeline stages, the blocks shared out by compute (``stage_blocks``: the last
+    stage, which also runs the head and the loss at sequence length ``seq``, takes fewer); each rank builds
     only its own stage's layers. ``.config`` is the GPT-2 config, as on a transformers model."""
-    from deepspeed.pipe import PipelineModule
+    from llm_ds.parallel.layout import stage_blocks
 
-    module = PipelineModule(
+    blocks = stage_blocks(config.n_layer, stages, head_weight(config, seq or config.n_positions))
+    module = _GPT2Pipeline(
+        blocks,
         layers=gpt2_layers(config, seed),
         num_stages=stages,
         loss_fn=LossFn(fused_loss, chunk_tokens),
-        partition_method="type:Block",
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
         checkpointable_layers=["Block"],  # recompute blocks; the embedding's input is token ids
     )
     module.config = config
     count_once_in_the_norm(module)
     return module
+
+
+def _pipeline_module_class():
+    from deepspeed.pipe import PipelineModule
+
+    class GPT2Pipeline(PipelineModule):
+        """A ``PipelineModule`` whose stages take the given numbers of blocks (tables with the first stage,
+        the final LayerNorm and the head with the last)."""
+
+        def __init__(self, blocks: list[int], **kwargs):
+            self.stage_blocks = blocks  # read by _partition_layers, during PipelineModule.__init__
+            super().__init__(**kwargs)
+
+        def _partition_layers(self, method="uniform"):
+            starts = [0]
+            for n in self.stage_blocks[:-1]:
+                starts.append((starts[-1] or 2) + n)  # layers 0 and 1 (tables) go with the first stage's blocks
+            self.parts = [*starts, len(self._layer_specs)]
+
+    return GPT2Pipeline
+
+
+def _GPT2Pipeline(blocks: list[int], **kwargs):
+    return _pipeline_module_class()(blocks, **kwargs)
 
 
 def count_once_in_the_norm(module) -> None:

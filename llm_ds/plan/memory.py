@@ -115,7 +115,7 @@ def activation_bytes(
     per_tensor = tokens * shape.n_embd * e
     per_block = block_tensors(shape.activation)
     per_block = 4 + (per_block - 4) / tensor
-    layers = -(-shape.n_layer // pipeline)
+    layers = shape.stage_blocks(pipeline)[0] if pipeline > 1 else shape.n_layer  # the first stage's
     if checkpointing:
         blocks = layers * per_tensor * in_flight + per_block * per_tensor
     else:

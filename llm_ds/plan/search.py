@@ -86,7 +86,9 @@ def estimate(
     offloaded = sum(states["host"].values())
     # Before ZeRO-3's partitioned construction, every rank builds the whole model in fp32 on the host
     # (on CPU ranks, that model is the device's own parameters).
-    load = 0.0 if (cand.stage == 3 and cand.tensor == 1) or cluster.is_cpu else 4 * p_dev
+    # With tensor parallelism every rank builds the whole model before AutoTP keeps its share (zero.Init too).
+    whole = shape.n_params if cand.tensor > 1 else p_dev
+    load = 0.0 if (cand.stage == 3 and cand.tensor == 1) or cluster.is_cpu else 4 * whole
     # DeepSpeed's estimators' additional_buffer_factor covers the offload path's staging; NVMe swap
     # buffers are sized exactly.
     host = int(r * (max(offloaded, load) * 1.5 + host_parts["nvme_buffers"]))
@@ -161,14 +163,14 @@ def plan(
 ) -> list[Estimate]:
     """Every candidate whose micro-batch divides the batch of a data-parallel rank, with and without tensor or
     pipeline parallelism, fastest first (less device memory on ties)."""
-    if global_batch % cluster.world:
-        raise PlanError(f"global batch {global_batch} is not divisible by the {cluster.world} ranks of the hostfile")
-    per_rank = global_batch // cluster.world
-    sizes = [m for m in (1, 2, 4, 8, 16, 32, 64, 128) if per_rank % m == 0]
+    per_rank, rest = divmod(global_batch, cluster.world)
+    sizes = [m for m in (1, 2, 4, 8, 16, 32, 64, 128) if per_rank % m == 0] if not rest else []
     every = [
         *candidates(micro_batches=sizes, allow_nvme=cluster.nvme > 0),
         *split_candidates(shape, cluster, global_batch),
     ]
+    if not every:
+        raise PlanError(f"global batch {global_batch} is not divisible by the {cluster.world} ranks of the hostfile")
     out = [estimate(shape, c, cluster, global_batch, precision, template) for c in every]
     return sorted(out, key=lambda e: (not e.fits, round(e.step_s, 6), e.device_total))
 

@@ -54,19 +54,44 @@ class ModelShape:
         d = self.n_embd
         return max(self.vocab * d, 4 * d * d + 4 * d)
 
+    def stage_blocks(self, pipeline: int) -> list[int]:
+        """Blocks per pipeline stage as llm-ds shares them out (``llm_ds.parallel.layout.stage_blocks``)."""
+        from llm_ds.parallel.layout import stage_blocks
+
+        d = self.n_embd
+        head = 6 * self.vocab * d / (6 * (12 * d * d + 13 * d) + 12 * d * self.seq)
+        return stage_blocks(self.n_layer, pipeline, head)
+
     def params_per_device(self, tensor: int = 1, pipeline: int = 1) -> int:
-        """Parameters one rank of a replica holds. Tensor parallelism splits each block's matrices and the
-        biases of the column-split ones (q/k/v, the MLP's first matrix), not the LayerNorms, the output
-        projections' biases or the embeddings; pipeline stages share the blocks out evenly, and the first
-        stage, the fullest, also holds the token and position tables."""
+        """Parameters one rank of a replica holds, on the fullest rank. Tensor parallelism splits each
+        block's matrices and the biases of the column-split ones (q/k/v, the MLP's first matrix), not the
+        LayerNorms, the output projections' biases or the embeddings; a pipeline's first stage holds its
+        blocks and the token and position tables, the last its blocks, the final LayerNorm and the tied table."""
         d = self.n_embd
         block = (12 * d * d + 7 * d) / tensor + 6 * d
-        blocks = -(-self.n_layer // pipeline)
-        return int(blocks * block + self.vocab * d + self.n_positions * d + (2 * d if pipeline == 1 else 0))
+        if pipeline == 1:
+            return int(self.n_layer * block + self.vocab * d + self.n_positions * d + 2 * d)
+        blocks = self.stage_blocks(pipeline)
+        first = blocks[0] * block + self.vocab * d + self.n_positions * d
+        return int(max(first, blocks[-1] * block + self.vocab * d + 2 * d))
 
     def largest_layer_per_device(self, tensor: int = 1) -> int:
         d = self.n_embd
         return max(self.vocab * d, (4 * d * d + 4 * d) // tensor)
+
+    def busiest_rank_flops_per_token(self, tensor: int = 1, pipeline: int = 1) -> float:
+        """Training FLOPs per token of a replica's batch on its busiest rank: a tensor group splits the blocks'
+        work and repeats the output head on every rank; a pipeline's stages run their blocks, the last also
+        the head (``stage_blocks`` balances them)."""
+        if tensor == pipeline == 1:
+            return self.flops_per_token()
+        d = self.n_embd
+        block = 6 * (12 * d * d + 13 * d) + 12 * d * self.seq
+        head = 6 * (self.vocab * d + 2 * d)
+        if pipeline == 1:
+            return self.n_layer * block / tensor + head
+        blocks = self.stage_blocks(pipeline)
+        return max(max(blocks[:-1]) * block, blocks[-1] * block + head)
 
     def flops_per_token(self) -> int:
         return training_flops_per_token(

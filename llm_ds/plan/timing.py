@@ -13,8 +13,9 @@ def step_time(shape: ModelShape, cand: Candidate, cluster: Cluster, global_batch
     """Seconds per optimizer step, by part: compute, communication (the data-parallel collectives), offload,
     and with model parallelism the pipeline bubble, tensor-parallel all-reduces and stage-to-stage traffic.
 
-    Each rank computes its share of the replica's work: the same FLOPs per rank as without model
-    parallelism. A pipeline of S stages over M micro-batches idles (S - 1) / (M + S - 1) of the step. A
+    Each rank computes its share of its replica's work, the busiest one setting the pace (a pipeline's last
+    stage, with the output head; every rank of a tensor group repeats the head). A pipeline of S stages over
+    M micro-batches idles (S - 1) / (M + S - 1) of the step. A
     tensor group all-reduces a micro-batch's activations twice per layer in forward and twice in backward,
     within the node; consecutive stages pass a micro-batch's activations forward and their gradients back,
     across nodes where the stages span nodes."""
@@ -22,8 +23,9 @@ def step_time(shape: ModelShape, cand: Candidate, cluster: Cluster, global_batch
     dp = n // cand.model_parallel  # data-parallel ranks
     e = bytes_per_value(precision)
     accum = global_batch // (dp * cand.micro_batch)
-    tokens_per_rank = global_batch * shape.seq / n
-    flops = shape.flops_per_token() * tokens_per_rank * (4 / 3 if cand.activation_checkpointing else 1.0)
+    tokens_per_replica = global_batch * shape.seq / dp
+    per_token = shape.busiest_rank_flops_per_token(cand.tensor, cand.pipeline)
+    flops = per_token * tokens_per_replica * (4 / 3 if cand.activation_checkpointing else 1.0)
     micro_tokens = cand.micro_batch * shape.seq
     half = HALF_EFFICIENCY_TOKENS["cpu" if cluster.is_cpu else "gpu"]
     compute = flops / (cluster.tflops * 1e12 * micro_tokens / (micro_tokens + half))

@@ -126,3 +126,58 @@ def test_pipeline_layers_draw_the_whole_models_weights_and_compute_its_loss():
         loss = pipeline.LossFn(fused, None)(pipeline._head(layers[-1], hidden), tokens)
         with torch.no_grad():
             torch.testing.assert_close(loss, whole(input_ids=tokens, labels=tokens).loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "n_layer, stages, head, expected",
+    [
+        (12, 2, 4.46, [8, 4]),
+        (48, 2, 2.4, [25, 23]),
+        (4, 2, 0.0, [2, 2]),
+        (5, 3, 0.0, [2, 1, 2]),
+        (3, 3, 9.0, [1, 1, 1]),
+    ],
+)
+def test_pipeline_stages_balance_the_blocks_against_the_head(n_layer, stages, head, expected):
+    from llm_ds.parallel.layout import stage_blocks
+
+    blocks = stage_blocks(n_layer, stages, head)
+    assert blocks == expected and sum(blocks) == n_layer and min(blocks) >= 1
+    # No other split with a block on every stage has a lighter busiest stage.
+    busiest = max(*blocks[:-1], blocks[-1] + head)
+    for last in range(1, n_layer - stages + 2):
+        rest = n_layer - last
+        assert busiest <= max(-(-rest // (stages - 1)), last + head) + 1e-9
+
+
+def test_one_process_trains_one_split(monkeypatch):
+    import llm_ds.parallel as parallel
+
+    monkeypatch.setattr(parallel, "_split", None)
+    parallel.claim_split(1, 1)  # no split: nothing claimed
+    parallel.claim_split(2, 1)
+    parallel.claim_split(2, 1)  # the same split again: its groups serve
+    for other in ((1, 1), (4, 1), (1, 2)):
+        with pytest.raises(ConfigError, match="this process already trained with parallel.tensor=2, parallel.pipel"):
+            parallel.claim_split(*other)
+
+
+def test_what_a_split_cannot_run_is_refused_before_training():
+    zero0 = {**load_ds_template(None), "zero_optimization": {"stage": 0}}
+    tensor = load_run_config(None, ["parallel.tensor=2"])
+    with pytest.raises(ConfigError, match="stage=0 with `parallel.tensor`=2: its checkpoints keep the weights in"):
+        resolve_ds_config(zero0, tensor, 2, "bf16", 10, "z0.json")
+    compiled = load_run_config(None, ["parallel.pipeline=2", "train.compile=true"])
+    with pytest.raises(ConfigError, match="`train.compile` with `parallel.tensor`=1, `parallel.pipeline`=2"):
+        resolve_ds_config(load_ds_template(None), compiled, 2, "fp32", 10)
+
+
+def test_a_pipeline_refuses_a_loss_of_its_own():
+    from llm_ds import Trainer
+
+    class Smoothed(Trainer):
+        def compute_loss(self, model, batch):
+            return super().compute_loss(model, batch)
+
+    with pytest.raises(ConfigError, match="Smoothed.compute_loss: a pipeline computes its loss on its last stage"):
+        Smoothed(load_run_config(None, ["parallel.pipeline=2"]))

@@ -325,9 +325,10 @@ def test_a_replica_split_holds_its_share_of_the_parameters():
     assert s.params_per_device() == s.n_params
     # Tensor parallelism splits the blocks' matrices and column-split biases; embeddings stay whole.
     assert s.params_per_device(tensor=2) == 12 * ((12 * d * d + 7 * d) // 2 + 6 * d) + (50257 + 1024 + 2) * d
-    # The fullest pipeline stage: its share of the blocks and the token and position tables.
-    assert s.params_per_device(pipeline=4) == 3 * (12 * d * d + 13 * d) + (50257 + 1024) * d
-    assert s.params_per_device(pipeline=5) == 3 * (12 * d * d + 13 * d) + (50257 + 1024) * d  # 12 = 3+3+2+2+2
+    # Stages balance compute: the last one also runs the head (worth 4.5 blocks here), so it takes fewer blocks.
+    assert s.stage_blocks(2) == [8, 4] and s.stage_blocks(4) == [4, 4, 3, 1] and s.stage_blocks(12) == [1] * 12
+    # The fullest stage: the first, with its blocks and the token and position tables.
+    assert s.params_per_device(pipeline=4) == 4 * (12 * d * d + 13 * d) + (50257 + 1024) * d
 
 
 def test_splits_follow_the_heads_the_nodes_and_the_layers():
@@ -349,9 +350,14 @@ def test_the_pipeline_bubble_and_its_traffic():
     p_dev = GPT2_SMALL.params_per_device(pipeline=2)
     assert parts["communication"] == pytest.approx(2 * 7 / 8 * p_dev * 2 / (c.intra_gbs * 1e9))
     assert parts["pipeline_transfer"] == pytest.approx(m * 2 * 4 * 1024 * 768 * 2 / (c.inter_gbs * 1e9))
-    # Activations: the first stage holds its 6 layers for 2 micro-batches in flight.
+    # Activations: the first stage holds its 8 blocks for 2 micro-batches in flight, 16 of the 12 that one rank
+    # holds for one micro-batch.
     one = plan.activation_bytes(GPT2_SMALL, 4, "bf16", False)
-    assert est.device["activations"] == pytest.approx(one["activations"], rel=0.01)
+    assert est.device["activations"] == pytest.approx(one["activations"] * 16 / 12, rel=0.01)
+    # The pace: the last stage's 4 blocks and the head, or the first stage's 8 blocks, whichever is more.
+    block = 6 * (12 * 768 * 768 + 13 * 768) + 12 * 768 * 1024
+    per_token = max(8 * block, 4 * block + 6 * (50257 + 2) * 768)
+    assert GPT2_SMALL.busiest_rank_flops_per_token(pipeline=2) == per_token
 
 
 def test_tensor_parallel_all_reduces_run_in_the_node_and_split_the_activations():
