@@ -86,8 +86,19 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
     assert stats.bad_utf8_chars == 4
 
 
-def test_hub_dataset_offline_says_so_and_how_to_use_local_files(monkeypatch):
+def go_offline(monkeypatch) -> None:
+    """HF_HUB_OFFLINE for this test, also where huggingface_hub and datasets were imported before it (they read
+    it once, at import): otherwise they try the network and, behind a proxy that answers, back off for a while."""
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+def test_hub_dataset_offline_says_so_and_how_to_use_local_files(monkeypatch):
+    go_offline(monkeypatch)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     source = SourceConfig(hub="wikipedia", config="20220301.en")
     with pytest.raises(DataError) as err:
@@ -97,7 +108,7 @@ def test_hub_dataset_offline_says_so_and_how_to_use_local_files(monkeypatch):
 
 
 def test_hub_loader_reads_a_local_dataset_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    go_offline(monkeypatch)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     folder = tmp_path / "mydataset" / "data"
     folder.mkdir(parents=True)
