@@ -190,6 +190,8 @@ def _pipeline_module_class():
             for n in self.stage_blocks[:-1]:
                 starts.append((starts[-1] or 2) + n)  # layers 0 and 1 (tables) go with the first stage's blocks
             self.parts = [*starts, len(self._layer_specs)]
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
     return GPT2Pipeline
 
