@@ -67,3 +67,10 @@ def stage_blocks(n_layer: int, stages: int, head: float) -> list[int]:
     last = min(range(1, n_layer - rest + 1), key=load)
     share, extra = divmod(n_layer - last, rest)
     return [share + (i < extra) for i in range(rest)] + [last]
+
+
+def head_blocks(vocab: int, n_embd: int, seq: int) -> float:
+    """GPT-2's output head and loss in blocks' worth of training FLOPs per token (a block: 6 x (12d² + 13d)
+    + 12dT, the head 6Vd): what the last pipeline stage runs besides its blocks."""
+    d = n_embd
+    return 6 * vocab * d / (6 * (12 * d * d + 13 * d) + 12 * d * seq)

@@ -140,12 +140,6 @@ def gpt2_layers(config: GPT2Config, seed: int) -> list:
     ]
 
 
-def head_weight(config: GPT2Config, seq: int) -> float:
-    """The output head's and loss's training FLOPs per token, in blocks' worth (a block: 6 x 12d² + 12dT)."""
-    d = config.n_embd
-    return 6 * config.vocab_size * d / (6 * (12 * d * d + 13 * d) + 12 * d * seq)
-
-
 def build_pipeline(
     config: GPT2Config,
     stages: int,
@@ -158,9 +152,10 @@ def build_pipeline(
     """GPT-2 over ``stages`` pipeline stages, the blocks shared out by compute (``stage_blocks``: the last
     stage, which also runs the head and the loss at sequence length ``seq``, takes fewer); each rank builds
     only its own stage's layers. ``.config`` is the GPT-2 config, as on a transformers model."""
-    from llm_ds.parallel.layout import stage_blocks
+    from llm_ds.parallel.layout import head_blocks, stage_blocks
 
-    blocks = stage_blocks(config.n_layer, stages, head_weight(config, seq or config.n_positions))
+    head = head_blocks(config.vocab_size, config.n_embd, seq or config.n_positions)
+    blocks = stage_blocks(config.n_layer, stages, head)
     module = _GPT2Pipeline(
         blocks,
         layers=gpt2_layers(config, seed),

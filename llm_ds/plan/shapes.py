@@ -56,11 +56,9 @@ class ModelShape:
 
     def stage_blocks(self, pipeline: int) -> list[int]:
         """Blocks per pipeline stage as llm-ds shares them out (``llm_ds.parallel.layout.stage_blocks``)."""
-        from llm_ds.parallel.layout import stage_blocks
+        from llm_ds.parallel.layout import head_blocks, stage_blocks
 
-        d = self.n_embd
-        head = 6 * self.vocab * d / (6 * (12 * d * d + 13 * d) + 12 * d * self.seq)
-        return stage_blocks(self.n_layer, pipeline, head)
+        return stage_blocks(self.n_layer, pipeline, head_blocks(self.vocab, self.n_embd, self.seq))
 
     def params_per_device(self, tensor: int = 1, pipeline: int = 1) -> int:
         """Parameters one rank of a replica holds, on the fullest rank. Tensor parallelism splits each
