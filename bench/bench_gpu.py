@@ -156,6 +156,14 @@ def plain(config: str, sets: list[str], compiled: bool, timeout: float) -> dict:
 TWO_GPUS = {"_dp2": ([], 1, 1), "_tp2": (["parallel.tensor=2"], 1, 2), "_pp2": (["parallel.pipeline=2"], 2, 4)}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def two_gpu_sets(name: str, micro: int) -> tuple[list[str], int] | None:
     """The ``--set`` arguments of a 2-GPU variant (None for a 1-GPU one), and its micro-batch."""
     suffix = next((k for k in TWO_GPUS if name.endswith(k)), None)
@@ -170,7 +178,8 @@ def two_gpu_sets(name: str, micro: int) -> tuple[list[str], int] | None:
 def llm_ds(config: str, sets: list[str], name: str, out: str, timeout: float, micro: int = 1) -> dict:
     """``name``: zero<stage>[_transformers_loss][_compile] on one GPU, or zero1_dp2/_tp2/_pp2 on two."""
     two = two_gpu_sets(name, micro)
-    runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"] if two else [sys.executable]
+    runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port())]
+    runner = runner if two else [sys.executable]
     cmd = [
         *runner,
         str(ROOT / "llm_ds" / "train.py"),

@@ -400,6 +400,16 @@ class Trainer:
             " + ".join(str(n) for n in module.stage_blocks),
             cfg.parallel.pipeline - 1,
         )
+        stages, micro_batches = cfg.parallel.pipeline, cfg.train.grad_accum_steps
+        if micro_batches < 2 * stages:
+            logger.warning(
+                "pipeline: %d micro-batch(es) per step through %d stages leave each stage idle %.0f%% of the step "
+                "(the bubble, (stages - 1) / (micro-batches + stages - 1)); raise train.grad_accum_steps (and "
+                "lower train.micro_batch_size to keep the batch)",
+                micro_batches,
+                stages,
+                100 * (stages - 1) / (micro_batches + stages - 1),
+            )
         if pretrained is not None:
             pipeline.load_gpt2_weights(module, pretrained.state_dict())
         return module
