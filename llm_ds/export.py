@@ -93,13 +93,12 @@ def fp32_state_dict(path: Path) -> dict:
 def _universal_weights(path: Path, pipeline: bool) -> dict:
     import torch
 
-    from llm_ds.checkpoint import UNIVERSAL, make_universal
+    from llm_ds.checkpoint import make_universal
 
-    universal = path / UNIVERSAL if (path / UNIVERSAL / COMPLETE).is_file() else make_universal(path)
     rename = _pipeline_names(path) if pipeline else (lambda name: name)
     return {
         rename(f.parent.name): torch.load(f, map_location="cpu", weights_only=False)["param"]
-        for f in sorted((universal / "zero").glob("*/fp32.pt"))
+        for f in sorted((make_universal(path) / "zero").glob("*/fp32.pt"))  # made once, then reused
     }
 
 

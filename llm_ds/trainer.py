@@ -228,7 +228,8 @@ class Trainer:
         rss_before_model = psutil.Process().memory_info().rss
         reset_peak_rss()
         module = self._build_model(model)
-        self.n_params = count_parameters(module) if cfg.parallel.pipeline == 1 else self._whole_model_parameters(module)
+        # A pipeline stage holds a part of the model: the whole one's count comes from its config.
+        self.n_params = count_parameters(module if cfg.parallel.pipeline == 1 else _whole_gpt2(module.config))
         engine_config, mpu = self._engine_config(), None
         self.transposed: list[str] = []  # GPT-2 weights held as Linear ([out, in]) for tensor parallelism
         if cfg.parallel.tensor > 1:
@@ -413,11 +414,6 @@ class Trainer:
         if pretrained is not None:
             pipeline.load_gpt2_weights(module, pretrained.state_dict())
         return module
-
-    def _whole_model_parameters(self, module) -> int:
-        from llm_ds.model import count_parameters
-
-        return count_parameters(_whole_gpt2(module.config))
 
     def _uses_tf32(self) -> bool:
         return self.precision == "fp32" and torch.cuda.is_available() and self.cfg.train.tf32
