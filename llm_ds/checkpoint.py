@@ -16,6 +16,7 @@ which any number of ranks loads (``"checkpoint": {"load_universal": true}``).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -25,11 +26,13 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from llm_ds.checkpoint_writer import OK
 from llm_ds.config import ConfigError, RunConfig, UserError, dump_run_config
 from llm_ds.monitor.metrics import redact
 
@@ -161,72 +164,217 @@ def build_manifest(world_size: int, start_time: float, tokenizer) -> dict[str, A
 # ---- save --------------------------------------------------------------------------------------
 
 
-def save(
-    engine,
-    cfg: RunConfig,
-    step: int,
-    state: dict[str, Any],
-    rank: int,
-    local_rank: int,
-    manifest: dict[str, Any],
-    ds_config: dict[str, Any],
-    tokenizer,
-) -> Path:
-    """Save a complete checkpoint for ``step`` on every rank; returns its folder.
+@dataclass
+class Save:
+    """One checkpoint's save, from the request to its result."""
 
-    The ``latest`` pointer moves only after every rank has finished, and older checkpoints
-    beyond ``checkpoint.keep_last`` are deleted only after this one is complete.
+    step: int
+    path: Path
+    started: float  # perf_counter at the request
+    writer: Any  # checkpoint_writer.Writer
+    thread: threading.Thread | None  # the background write; None once joined, or in the foreground
+    stall_s: float = 0.0  # what training waited: the wait for the save before, the copies, the small files
+    wait_s: float = 0.0  # of which the wait for the save before
+    bytes: int = 0  # the whole checkpoint, every rank's files (rank 0 knows it)
+    write_s: float = 0.0  # from the request until every rank's files were durable and COMPLETE written
+    result: str | None = None  # checkpoint_writer.OK, or the failure
+
+    @property
+    def failed(self) -> bool:
+        return self.result is not None and self.result != OK
+
+    def record(self) -> dict[str, Any]:
+        """The metrics of a complete save."""
+        return {
+            "step": self.step,
+            "ckpt/save_s": self.stall_s,
+            "ckpt/wait_s": self.wait_s,
+            "ckpt/bytes": self.bytes,
+            "ckpt/write_gbs": self.bytes / self.write_s / 1e9 if self.write_s > 0 else 0.0,
+        }
+
+
+class Checkpointer:
+    """A run's saves: the foreground, or the background with at most one save in flight.
+
+    Every rank calls ``save`` at the same step (it is a collective) and ``poll`` at every step boundary
+    while a save is in flight; a save's result reaches every rank at a boundary (not necessarily the
+    same one). ``save`` and ``finish`` wait for a save in flight and raise its failure, on every rank.
     """
-    import deepspeed.comm as dist
 
-    ckpt_dir = cfg.checkpoint_dir
-    tag = tag_for(step)
-    path = ckpt_dir / tag
-    if rank == 0 and path.exists():
-        shutil.rmtree(path)  # a partial save of this step from a crashed run
-    dist.barrier()
-    try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"llm_ds_step": step}, save_latest=False)
-        ours = path / OURS
-        ours.mkdir(parents=True, exist_ok=True)
-        _write_json(ours / f"rng_rank{rank}.json", rng_state())
-        if rank == 0:
-            _write_json(ours / "state.json", state)
-            _write_json(ours / "manifest.json", manifest)
-            _write_json(ours / "ds_config.json", redact(ds_config))
-            (ours / "config.yaml").write_text(redact(dump_run_config(cfg)))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(ours / "tokenizer"))
-            if hasattr(getattr(engine.module, "config", None), "save_pretrained"):
-                engine.module.config.save_pretrained(str(ours / "hf_config"))  # the model's shape, for export
-    except (OSError, RuntimeError) as exc:  # a full disk surfaces as either, depending on the writer
-        pointer = ckpt_dir / LATEST
+    _runs = itertools.count()  # each run in this process has keys of its own in the store
+
+    def __init__(self, engine, cfg: RunConfig, rank: int, local_rank: int, world_size: int, background: bool):
+        import torch.distributed.distributed_c10d as c10d
+
+        from llm_ds.checkpoint_writer import FileEngine, Staging
+
+        self.engine, self.cfg = engine, cfg
+        self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
+        self.background = background
+        self.store = c10d._get_default_store()
+        self.prefix = f"llm_ds/{next(self._runs)}/ckpt"
+        self.files = FileEngine(engine.checkpoint_engine, Staging() if background else None)
+        engine.checkpoint_engine = self.files
+        self.pending: Save | None = None
+        self._forget: Save | None = None  # a finished save whose keys rank 0 deletes at the next save
+
+    def save(
+        self, step: int, state: dict[str, Any], manifest: dict[str, Any], ds_config: dict[str, Any], tokenizer
+    ) -> tuple[Save, Save | None]:
+        """Start a checkpoint of ``step`` (finished before returning in the foreground); returns it and the
+        save in flight before it, which this one waited for."""
+        import deepspeed.comm as dist
+
+        from llm_ds.checkpoint_writer import Writer
+
+        started = time.perf_counter()
+        before = self._finish(charge=False)
+        waited = time.perf_counter() - started
+        ckpt_dir = self.cfg.checkpoint_dir
+        path = ckpt_dir / tag_for(step)
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)  # a partial save of this step from a crashed run
+        dist.barrier()
+        self.files.start()
+        self.engine.save_checkpoint(str(ckpt_dir), tag=path.name, client_state={"llm_ds_step": step}, save_latest=False)
+        if self.rank == 0 and self._forget is not None:
+            self._forget.writer.forget()  # every rank has read its result: each waited for it, then met here
+            self._forget = None
+        own = _own_files(path / OURS, self.cfg, self.rank, state, manifest, ds_config, tokenizer, self.engine)
+        commit = (lambda: commit_checkpoint(path, step, manifest["world_size"], self.cfg)) if self.rank == 0 else None
+        writer = Writer(self.store, f"{self.prefix}/{step}", self.rank, self.world_size, commit)
+        save = Save(step, path, started, writer, None, wait_s=waited)
+        self.pending = save
+        if self.background:
+            save.thread = threading.Thread(
+                target=writer.run, args=(self.files, own), name=f"llm_ds checkpoint {step}", daemon=True
+            )
+            save.thread.start()
+            save.stall_s = time.perf_counter() - started
+        else:
+            writer.run(self.files, own)
+            self._finish(charge=False)
+            save.stall_s = time.perf_counter() - started
+        return save, before
+
+    def poll(self) -> Save | None:
+        """The save in flight once its result is in (complete or failed), else None; never waits."""
+        if self.pending is None or self.pending.writer.result(wait=False) is None:
+            return None
+        return self._settle()
+
+    def finish(self) -> Save | None:
+        """Wait for the save in flight (training waits: the time counts in its ``stall_s``); the save, or None
+        if there was none. Raises its failure."""
+        return self._finish(charge=True)
+
+    def _finish(self, charge: bool) -> Save | None:
+        if self.pending is None:
+            return None
+        start = time.perf_counter()
+        self.pending.writer.result(wait=True)
+        save = self._settle()
+        if charge:
+            save.stall_s += time.perf_counter() - start
+        if save.failed:
+            raise CheckpointError(self.failure_message(save))
+        return save
+
+    def _settle(self) -> Save:
+        save, self.pending = self.pending, None
+        if save.thread is not None:
+            save.thread.join()
+            save.thread = None
+        save.result = save.writer.read("result")
+        self._forget = save
+        if save.result == OK:
+            if self.rank == 0:
+                save.bytes = sum(path_sizes(save.path).values())
+                save.write_s = save.writer.committed_at - save.started
+            elif self.local_rank == 0:
+                prune(self.cfg)  # another node's view of a shared folder, or its own folder
+        return save
+
+    def failure_message(self, save: Save) -> str:
+        pointer = self.cfg.checkpoint_dir / LATEST
         kept = pointer.read_text().strip() if pointer.is_file() else None
-        raise CheckpointError(
-            f"saving checkpoint {path} failed on rank {rank} ({str(exc).splitlines()[0]}); "
-            f"the latest pointer still names {kept or 'no checkpoint'}, which is intact"
-        ) from None
-    dist.barrier()  # every rank's shards and RNG states are on disk
-    if rank == 0:
-        files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
-        _write_json(
-            path / COMPLETE, {"step": step, "world_size": manifest["world_size"], "files": files, "time": time.time()}
+        return (
+            f"saving checkpoint {save.path} {save.result}; the latest pointer still names "
+            f"{kept or 'no checkpoint'}, which is intact"
         )
-        tmp = ckpt_dir / f".{LATEST}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / LATEST)
-    if local_rank == 0 and cfg.checkpoint.keep_last:
-        complete, _ = list_checkpoints(ckpt_dir)
-        for old in complete[: -cfg.checkpoint.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return path
+
+    @property
+    def staged_bytes(self) -> int:
+        """Host memory kept for the background's copies."""
+        return self.files.staging.bytes if self.files.staging else 0
+
+
+def _own_files(ours: Path, cfg: RunConfig, rank: int, state, manifest, ds_config, tokenizer, engine):
+    """A function that writes (and fsyncs) this rank's files of ours; what they hold is taken now."""
+    rng = rng_state()
+    model_config = getattr(engine.module, "config", None) if rank == 0 else None
+    config_text = redact(dump_run_config(cfg)) if rank == 0 else None
+    ds_text = redact(ds_config) if rank == 0 else None
+    state, manifest = json.loads(json.dumps(state)), json.loads(json.dumps(manifest))
+
+    def write() -> None:
+        ours.mkdir(parents=True, exist_ok=True)
+        _write_json(ours / f"rng_rank{rank}.json", rng)
+        if rank != 0:
+            return
+        _write_json(ours / "state.json", state)
+        _write_json(ours / "manifest.json", manifest)
+        _write_json(ours / "ds_config.json", ds_text)
+        _write_text(ours / "config.yaml", config_text)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(ours / "tokenizer"))
+        if hasattr(model_config, "save_pretrained"):
+            model_config.save_pretrained(str(ours / "hf_config"))  # the model's shape, for export
+
+    return write
+
+
+def path_sizes(path: Path) -> dict[str, int]:
+    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def commit_checkpoint(path: Path, step: int, world_size: int, cfg: RunConfig) -> None:
+    """Rank 0, once every rank's files are durable: ``COMPLETE`` (the files and their sizes), then the
+    ``latest`` pointer, atomically; then checkpoints beyond ``keep_last`` go."""
+    from llm_ds.checkpoint_writer import fsync_file, fsync_tree
+
+    fsync_tree(path)  # files written here outside the engine (DeepSpeed's zero_to_fp32.py), and the folders
+    files = path_sizes(path)
+    _write_json(path / COMPLETE, {"step": step, "world_size": world_size, "files": files, "time": time.time()})
+    fsync_file(path)
+    ckpt_dir = path.parent
+    _write_text(ckpt_dir / LATEST, path.name)
+    fsync_file(ckpt_dir)
+    prune(cfg)
+
+
+def prune(cfg: RunConfig) -> None:
+    """Complete checkpoints beyond ``checkpoint.keep_last`` go, oldest first; the newest always stays."""
+    if not cfg.checkpoint.keep_last:
+        return
+    complete, _ = list_checkpoints(cfg.checkpoint_dir)
+    for old in complete[: -cfg.checkpoint.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``text`` to ``path`` whole or not at all: a temporary file, fsynced, renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    _write_text(path, json.dumps(obj))
 
 
 # ---- resume ------------------------------------------------------------------------------------

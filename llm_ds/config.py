@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import keyword
 import types
 import typing
 from dataclasses import dataclass, field
@@ -347,6 +348,11 @@ class CheckpointConfig:
     )
     keep_last: int = opt(3, "complete checkpoints kept (0 keeps all); older ones go once a newer one is complete")
     save_trigger: str | None = opt(None, "a file path: creating it makes the run save at the next step boundary")
+    async_: bool = opt(
+        False,
+        "write checkpoints behind training: it waits only while the states are copied to host memory (kept for "
+        "the next save); at most one save in flight",
+    )
 
     def validate(self) -> None:
         _check(self.interval >= 0, "checkpoint.interval", self.interval, "must be >= 0 (0: only at the end)")
@@ -478,7 +484,7 @@ class RunConfig:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.output_dir / "checkpoints"
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {name: {_key(k): v for k, v in dataclasses.asdict(getattr(self, name)).items()} for name in SECTIONS}
 
 
 SECTIONS = ("model", "data", "train", "logging", "checkpoint", "parallel")
@@ -488,6 +494,16 @@ _SECTION_TYPES = {name: typing.get_type_hints(RunConfig)[name] for name in SECTI
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise ConfigError(f"`{key}` {rule}, got {value!r}")
+
+
+def _key(attr: str) -> str:
+    """A field's key in YAML and ``--set``: its name, less the underscore a Python keyword needs (``async_``)."""
+    return attr[:-1] if attr.endswith("_") and keyword.iskeyword(attr[:-1]) else attr
+
+
+def _keys(cls) -> dict[str, tuple[str, Any]]:
+    """A section's keys as ``{key: (field name, type hint)}``."""
+    return {_key(name): (name, hint) for name, hint in typing.get_type_hints(cls).items()}
 
 
 def _check_extra(key: str, value: Any, module: str, extra: str) -> None:
@@ -508,7 +524,7 @@ def _check_fields(obj: Any, key: str) -> None:
     """Check a dataclass's fields against their type hints in place (a section built in code)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        setattr(obj, f.name, _coerce(getattr(obj, f.name), hints[f.name], f"{key}.{f.name}"))
+        setattr(obj, f.name, _coerce(getattr(obj, f.name), hints[f.name], f"{key}.{_key(f.name)}"))
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -543,11 +559,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(
                 f"`{key}` must be a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}, got {value!r}"
             )
-        hints = typing.get_type_hints(hint)
+        keys = _keys(hint)
         for k in value:
-            if k not in hints:
-                raise ConfigError(f"unknown key `{key}.{k}`{_closest(k, hints, f'{key}.')}")
-        return hint(**{k: _coerce(v, hints[k], f"{key}.{k}") for k, v in value.items()})
+            if k not in keys:
+                raise ConfigError(f"unknown key `{key}.{k}`{_closest(k, keys, f'{key}.')}")
+        return hint(**{keys[k][0]: _coerce(v, keys[k][1], f"{key}.{k}") for k, v in value.items()})
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"`{key}` must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -557,13 +573,13 @@ def _build_section(name: str, values: Any, where: str):
     cls = _SECTION_TYPES[name]
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: section `{name}` must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
+    keys = _keys(cls)
     kwargs = {}
     for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"{where}: unknown key `{name}.{key}`{_closest(key, hints, f'{name}.')}")
+        if key not in keys:
+            raise ConfigError(f"{where}: unknown key `{name}.{key}`{_closest(key, keys, f'{name}.')}")
         try:
-            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+            kwargs[keys[key][0]] = _coerce(value, keys[key][1], f"{name}.{key}")
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     return cls(**kwargs)
@@ -621,15 +637,15 @@ def _build_run_config(
         dotted = ".".join(keys)
         if keys[0] not in SECTIONS:
             raise ConfigError(f"{flag} {dotted}: unknown section `{keys[0]}`{_closest(keys[0], SECTIONS)}")
-        hints = typing.get_type_hints(_SECTION_TYPES[keys[0]])
-        if len(keys) != 2 or keys[1] not in hints:
+        fields = _keys(_SECTION_TYPES[keys[0]])
+        if len(keys) != 2 or keys[1] not in fields:
             name = keys[1] if len(keys) > 1 else ""
-            raise ConfigError(f"{flag} {dotted}: unknown key `{dotted}`{_closest(name, hints, f'{keys[0]}.')}")
+            raise ConfigError(f"{flag} {dotted}: unknown key `{dotted}`{_closest(name, fields, f'{keys[0]}.')}")
         try:
-            value = _coerce(value, hints[keys[1]], dotted)
+            value = _coerce(value, fields[keys[1]][1], dotted)
         except ConfigError as exc:
             raise ConfigError(f"{flag} {exc}") from None
-        sections[keys[0]] = dataclasses.replace(sections[keys[0]], **{keys[1]: value})
+        sections[keys[0]] = dataclasses.replace(sections[keys[0]], **{fields[keys[1]][0]: value})
     try:
         return RunConfig(**sections, source=source)
     except ConfigError as exc:
@@ -652,7 +668,7 @@ def _field_rows(cls, prefix: str) -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(cls):
         value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = f.metadata.get("shown") or (f"`{value}`" if isinstance(value, str) else _yaml_value(value))
-        rows.append((f"{prefix}.{f.name}", shown, f.metadata.get("help", "")))
+        rows.append((f"{prefix}.{_key(f.name)}", shown, f.metadata.get("help", "")))
     return rows
 
 

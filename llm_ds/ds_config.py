@@ -321,6 +321,7 @@ def resolve_ds_config(
         _fill(section, "enabled", precision == name, f"{where} {name}", f"precision {precision}")
 
     _fill_parallel(ds, cfg, where)
+    _check_checkpoint_writer(ds, cfg, where)
     nvme_path = str(cfg.nvme_dir)
     zero = ds.get("zero_optimization") or {}
     for key in ("offload_param", "offload_optimizer"):
@@ -364,6 +365,25 @@ def _fill_parallel(ds: dict[str, Any], cfg: RunConfig, where: str) -> None:
         raise ConfigError(
             f"DeepSpeed config {where}: zero_optimization.stage={stage} with `parallel.pipeline`={pp}: DeepSpeed's "
             f"pipeline engine takes ZeRO stage 0 or 1 (ds_configs/zero1.json)"
+        )
+
+
+def _check_checkpoint_writer(ds: dict[str, Any], cfg: RunConfig, where: str) -> None:
+    """DeepSpeed's own ``checkpoint.writer`` writes the files llm-ds marks complete: its fast writer in the
+    foreground is taken as it is; its decoupled mode finishes a save inside a later optimizer step, after
+    llm-ds would have marked it complete, and a background save already writes behind training."""
+    writer = (ds.get("checkpoint") or {}).get("writer")
+    if not writer:
+        return
+    if writer.get("decoupled"):
+        raise ConfigError(
+            f"DeepSpeed config {where}: checkpoint.writer.decoupled=true finishes a save inside a later optimizer "
+            f"step, where llm-ds cannot know it is durable; remove it and set checkpoint.async=true in the run config"
+        )
+    if cfg.checkpoint.async_:
+        raise ConfigError(
+            f"DeepSpeed config {where}: checkpoint.writer with checkpoint.async=true: a background save writes with "
+            f"torch.save from host copies; remove checkpoint.writer, or set checkpoint.async=false to use it"
         )
 
 

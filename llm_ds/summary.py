@@ -49,6 +49,11 @@ class RunSummary:
     tensor_parallel: int = 1  # ranks that split each replica's layers (parallel.tensor)
     pipeline_parallel: int = 1  # stages each replica's layers are split into (parallel.pipeline)
     data_parallel_size: int | None = None  # replicas that read their own share of each batch
+    checkpoints_saved: int = 0  # complete checkpoints this process wrote
+    checkpoint_stall_s: float = 0.0  # seconds training waited for them, in all
+    checkpoint_wait_s: float = 0.0  # of which waiting for a background save before the next could start
+    checkpoint_async: bool = False  # checkpoint.async
+    checkpoint_host_bytes: int = 0  # host memory kept for background saves' copies, on this rank
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from llm_ds.checkpoint import CheckpointError
 from llm_ds.config import IGNORE_INDEX, ConfigError, RunConfig, dump_run_config
 from llm_ds.ds_config import (
     check_job,
@@ -248,6 +249,12 @@ class Trainer:
             tensor.finish(self.engine.module)
         if cfg.train.compile:
             self.engine.compile()  # compiled lazily, on the first forward
+        from llm_ds.checkpoint import Checkpointer
+
+        self.checkpointer = Checkpointer(
+            self.engine, cfg, self.rank, self.local_rank, self.world_size, background=cfg.checkpoint.async_
+        )
+        self._saves: list = []  # this process's complete saves (checkpoint.Save)
 
         self.state = TrainState()
         self.tokens_per_step = self.ds_config["train_batch_size"] * cfg.data.block_size
@@ -264,7 +271,8 @@ class Trainer:
         )
         self.first_step_at: float | None = None  # wall-clock time the first step of this process finished
         self.monitor, self.control, self._manifest = None, None, None
-        self._error: Exception | None = None  # the first callback error of this run
+        self._error: Exception | None = None  # the first callback error of this run, or a failed save
+        self._checkpoint_failed = False
         self._fitted = False
 
     def _build_loaders(self, train_dataset, eval_dataset, pin_memory: bool):
@@ -537,29 +545,63 @@ class Trainer:
         self.state.first_train_loss = state.get("first_train_loss")
         self.train_loader.load_state_dict(state["data"])
 
-    def save_checkpoint(self) -> Path:
-        """Save a complete checkpoint of this step (a collective: every rank calls it)."""
+    def save_checkpoint(self, wait: bool = True) -> Path:
+        """Save a checkpoint of this step (a collective: every rank calls it); returns its folder.
+
+        ``wait=False`` with ``checkpoint.async: true``: return once the states are copied; the files are
+        written behind the next steps (the result comes at a step boundary in ``fit``, or ``finish_saves()``).
+        A save asked for while one is in flight waits for it first. Raises ``CheckpointError`` where a
+        save fails (every rank at once), naming the checkpoint that stays the latest.
+        """
         from llm_ds import checkpoint
 
         if self._manifest is None:
             self._manifest = checkpoint.build_manifest(self.world_size, self.started_at, self.tokenizer)
             self._manifest["transposed"] = self.transposed
         state = {**self.training_state(), "wandb_run_id": self.monitor.wandb_run_id() if self.monitor else None}
-        start = time.perf_counter()
-        path = checkpoint.save(
-            self.engine,
-            self.cfg,
-            self.state.step,
-            state,
-            self.rank,
-            self.local_rank,
-            self._manifest,
-            self.ds_config,
-            self.tokenizer,
-        )
-        logger.info("saved checkpoint %s in %.1f s", path, time.perf_counter() - start)
-        self._callback("on_save", path)
-        return path
+        save, before = self.checkpointer.save(self.state.step, state, self._manifest, self.ds_config, self.tokenizer)
+        if before is not None:
+            self._saved(before)
+        if self.checkpointer.pending is None:
+            self._saved(save)
+        elif wait:
+            self.finish_saves()
+        return save.path
+
+    def finish_saves(self) -> None:
+        """Wait for a save in flight (a collective); raises its failure."""
+        save = self.checkpointer.finish()
+        if save is not None:
+            self._saved(save)
+
+    def _saved(self, save) -> None:
+        """A save's result is in: report it (console, metrics), run ``on_save``; or stop the run if it failed."""
+        if save.failed:
+            error = CheckpointError(self.checkpointer.failure_message(save))
+            logger.error("%s", error)
+            if self.control is None:
+                raise error
+            if self._error is None:
+                self._error = error
+            self._checkpoint_failed = True
+            self.control.request_stop("checkpoint failed")
+            return
+        self._saves.append(save)
+        if self.rank == 0:
+            background = (
+                f" in the background; training waited {save.stall_s:.2f} s" if self.checkpointer.background else ""
+            )
+            logger.info(
+                "saved checkpoint %s in %.1f s (%.2f GB, %.2f GB/s)%s",
+                save.path,
+                save.write_s,
+                save.bytes / 1e9,
+                save.record()["ckpt/write_gbs"],
+                background,
+            )
+            if self.monitor is not None:
+                self.monitor.write(save.record())
+        self._callback("on_save", save.path)
 
     # ---- callbacks -------------------------------------------------------------------------------
 
@@ -670,6 +712,10 @@ class Trainer:
             interval_steps += 1
             step = state.step
             self._callback("on_step_end", step)
+            if self.checkpointer.pending is not None:
+                done = self.checkpointer.poll()
+                if done is not None:
+                    self._saved(done)
             if step == 1 or step % log_every == 0 or step == self.total_steps:
                 from deepspeed.accelerator import get_accelerator
 
@@ -700,18 +746,24 @@ class Trainer:
                 self._callback("on_evaluate", eval_loss)
             save_now, stop_now = self.control.poll(step)
             last = step == self.total_steps
-            if (ckpt_every and step % ckpt_every == 0) or (last and cfg.checkpoint.save_final) or save_now:
-                self.save_checkpoint()
+            background = not (last or stop_now)  # the run's last save is complete before it ends
+            if self._checkpoint_failed:
+                pass  # a save failed: the run stops at the step every rank agreed on, without saving again
+            elif (ckpt_every and step % ckpt_every == 0) or (last and cfg.checkpoint.save_final) or save_now:
+                self.save_checkpoint(wait=not background)
             elif last and self._stop_pending():
                 self.save_checkpoint()  # a stop was asked for too late to take effect: keep the last state
             # Evaluation and checkpoint time does not count as step time.
             interval_start += time.perf_counter() - pause_start
             if stop_now:
                 stopped_by = self.control.stop_reason()
-                logger.info("stopped after step %d (%s), checkpoint saved", step, stopped_by)
+                saved = "" if self._checkpoint_failed else ", checkpoint saved"
+                logger.info("stopped after step %d (%s)%s", step, stopped_by, saved)
                 break
         if stopped_by is None and self._stop_pending():
             stopped_by = self.control.stop_reason()
+        if not self._checkpoint_failed:
+            self.finish_saves()
         tokens_per_s = timed_tokens / train_time_s if train_time_s > 0 else None
         memory = self.metrics.rank_memory
         return RunSummary(
@@ -748,6 +800,11 @@ class Trainer:
             tensor_parallel=cfg.parallel.tensor,
             pipeline_parallel=cfg.parallel.pipeline,
             data_parallel_size=self.layout.data_size,
+            checkpoints_saved=len(self._saves),
+            checkpoint_stall_s=sum(s.stall_s for s in self._saves),
+            checkpoint_wait_s=sum(s.wait_s for s in self._saves),
+            checkpoint_async=cfg.checkpoint.async_,
+            checkpoint_host_bytes=self.checkpointer.staged_bytes,
         ).to_dict()
 
     def _stop_pending(self) -> bool:

@@ -114,9 +114,10 @@ class WandbSink(Sink):
         )
 
     def write(self, record):
-        self.run.log(
-            {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=record["step"]
-        )
+        # W&B drops a step below one it has seen: a background checkpoint's figures, which arrive a few steps
+        # after the step they belong to, go to the latest step (TensorBoard and metrics.jsonl keep theirs).
+        self.step = max(record["step"], getattr(self, "step", 0))
+        self.run.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=self.step)
 
     def close(self):
         self.run.finish()
@@ -179,6 +180,10 @@ class Monitor:
             record["eval/loss"],
             record["eval/perplexity"],
         )
+        self._write(record)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """A record for every sink but the console (which the caller tells in its own words)."""
         self._write(record)
 
     def _write(self, record):

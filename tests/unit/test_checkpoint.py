@@ -152,3 +152,53 @@ def test_tensor_parallel_ranks_share_the_global_batch_as_one(tmp_path):
     # 4 ranks, tensor groups of 2: 2 data-parallel ranks of 4 sequences make the global batch of 8.
     cfg, note = resized(tmp_path, 4, "parallel.tensor=2", saved_ranks=4, saved_tensor=2)
     assert (cfg.train.grad_accum_steps, note) == (1, None)
+
+
+def test_staging_copies_are_whole_storages_shared_as_before_and_reused():
+    """What a background save writes: torch.save of the copy holds what torch.save of the original would."""
+    import collections
+    import io
+
+    import torch
+
+    from llm_ds.checkpoint_writer import Staging
+
+    flat = torch.arange(12.0)
+    weight = torch.nn.Parameter(torch.randn(3, 4), requires_grad=False)
+    state = {
+        "module": collections.OrderedDict(wte=weight.detach(), head=weight.detach(), bias=flat[2:5]),
+        "optimizer": {"state": [flat.view(3, 4)], "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95)}]},
+        "shapes": [torch.Size([3, 4])],
+        "step": 7,
+    }
+    staging = Staging()
+    copy = staging.copy(state, "model_states.pt")
+    # Values, views and sharing as they were; the copy's memory is its own.
+    assert torch.equal(copy["module"]["wte"], weight) and torch.equal(copy["module"]["bias"], flat[2:5])
+
+    def ptr(t):
+        return t.untyped_storage().data_ptr()
+
+    module = copy["module"]
+    assert ptr(module["wte"]) == ptr(module["head"]) and ptr(module["bias"]) == ptr(copy["optimizer"]["state"][0])
+    assert module["bias"].storage_offset() == 2 and module["bias"].untyped_storage().nbytes() == 48
+    assert ptr(module["wte"]) != ptr(weight)
+    assert type(copy["module"]) is collections.OrderedDict and type(copy["shapes"][0]) is torch.Size
+    # Training goes on: nothing it changes reaches the copy.
+    original = {"flat": flat.clone(), "weight": weight.detach().clone()}
+    flat.add_(1.0)
+    weight.data.mul_(2.0)
+    state["optimizer"]["param_groups"][0]["lr"] = 0.2
+    assert torch.equal(copy["optimizer"]["state"][0].flatten(), original["flat"])
+    assert torch.equal(copy["module"]["head"], original["weight"])
+    assert copy["optimizer"]["param_groups"][0]["lr"] == 0.1
+    # The file torch.save writes from the copy is the one it would have written from the original.
+    before = io.BytesIO()
+    torch.save({**state, "module": state["module"], "optimizer": state["optimizer"]}, before)
+    again = staging.copy(state, "model_states.pt")
+    after = io.BytesIO()
+    torch.save(again, after)
+    assert before.getvalue() == after.getvalue()
+    # The next save of the same file reuses the memory.
+    assert ptr(again["module"]["wte"]) == ptr(module["wte"])
+    assert staging.bytes == 48 * 2

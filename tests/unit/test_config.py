@@ -185,3 +185,22 @@ def test_config_explain_prints_the_table(capsys):
 
     assert main(["config", "--explain"]) == 0
     assert capsys.readouterr().out == field_table()
+
+
+def test_a_key_that_is_a_python_keyword_reads_and_dumps_as_written(tmp_path):
+    """`checkpoint.async` is the field `async_` in code; YAML, --set, dicts and dumps say `async`."""
+    import yaml
+
+    from llm_ds.config import RunConfig, dump_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("checkpoint:\n  async: true\n")
+    assert load_run_config(path).checkpoint.async_ is True
+    assert load_run_config(None, ["checkpoint.async=true"]).checkpoint.async_ is True
+    cfg = RunConfig.from_dict({"checkpoint": {"async": True}})
+    assert yaml.safe_load(dump_run_config(cfg))["checkpoint"]["async"] is True
+    assert RunConfig.from_dict(yaml.safe_load(dump_run_config(cfg))) == cfg
+    with pytest.raises(ConfigError, match=r"unknown key `checkpoint.async_`; did you mean `checkpoint.async`\?"):
+        load_run_config(None, ["checkpoint.async_=true"])
+    with pytest.raises(ConfigError, match=r"`checkpoint.async` must be bool, got str 'soon'"):
+        load_run_config(None, ["checkpoint.async=soon"])

@@ -239,3 +239,16 @@ def test_zero_warmup_steps_is_refused_naming_the_key_before_deepspeed_raises():
         resolve_ds_config(template, cfg, 1, "fp32", total_steps=10, source="zero1.json")
     no_scheduler = {k: v for k, v in template.items() if k != "scheduler"}
     assert "scheduler" not in resolve_ds_config(no_scheduler, cfg, 1, "fp32", total_steps=10)
+
+
+def test_deepspeeds_decoupled_checkpoint_writer_is_refused_and_its_writer_with_async_saves():
+    """DeepSpeed's decoupled writer finishes a save in a later optimizer step, after COMPLETE would be written."""
+    template = load_ds_template(DS_CONFIGS_DIR / "zero1.json")
+    decoupled = {**template, "checkpoint": {"writer": {"type": "fast", "decoupled": True}}}
+    message = r"^DeepSpeed config zero1.json: checkpoint.writer.decoupled=true .*set checkpoint.async=true"
+    with pytest.raises(ConfigError, match=message):
+        resolve_ds_config(decoupled, load_run_config(None), 1, "fp32", total_steps=10, source="zero1.json")
+    fast = {**template, "checkpoint": {"writer": {"type": "fast"}}}
+    resolve_ds_config(fast, load_run_config(None), 1, "fp32", total_steps=10)
+    with pytest.raises(ConfigError, match=r"checkpoint.writer with checkpoint.async=true"):
+        resolve_ds_config(fast, load_run_config(None, ["checkpoint.async=true"]), 1, "fp32", total_steps=10)
