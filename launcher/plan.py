@@ -49,6 +49,12 @@ def plan_command_parser(subparsers) -> None:
     parser.add_argument("--pcie-gbs", type=float, default=25.0, help="GB/s host <-> device")
     parser.add_argument("--nvme-gbs", type=float, default=3.0, help="GB/s NVMe per node")
     parser.add_argument(
+        "--disk-gbs",
+        type=float,
+        default=1.0,
+        help="GB/s each node writes checkpoints at (default 1.0), for the time one save takes",
+    )
+    parser.add_argument(
         "--min-nodes",
         type=int,
         metavar="M",
@@ -91,7 +97,10 @@ def build_cluster(args, world: int, nodes: int, precision: str, gpu: tuple | Non
 
     if args.from_run:
         args.tflops = measured_tflops(args.from_run)
-    _positive(args, ("gpu-mem-gb", "cpu-mem-gb", "tflops", "intra-node-gbs", "inter-node-gbs", "pcie-gbs", "nvme-gbs"))
+    _positive(
+        args,
+        ("gpu-mem-gb", "cpu-mem-gb", "tflops", "intra-node-gbs", "inter-node-gbs", "pcie-gbs", "nvme-gbs", "disk-gbs"),
+    )
     if args.nvme_gb is not None and args.nvme_gb < 0:
         raise PlanError(f"--nvme-gb must be >= 0, got {args.nvme_gb:g}")
     cpu_mem = args.cpu_mem_gb * GiB if args.cpu_mem_gb else float(psutil.virtual_memory().total)
@@ -169,6 +178,7 @@ def plan_command(args) -> int:
     shrunk = None
     if best and args.min_nodes is not None:
         shrunk = shrink_to(shape, cluster, global_batch, precision, template, best, args.min_nodes)
+    saves = checkpoint_cost(shape, precision, best, cluster, args.disk_gbs) if best else None
     written = None
     if best and args.write:
         written = Path(args.write)
@@ -186,6 +196,7 @@ def plan_command(args) -> int:
                     "written": str(written) if written else None,
                     "hints": hints,
                     "min_nodes": shrunk,
+                    "checkpoint": saves,
                     "candidates": [e.to_dict() for e in estimates],
                 },
                 indent=2,
@@ -217,11 +228,35 @@ def plan_command(args) -> int:
     )
     print(breakdown(best))
     print("run config: " + " ".join(f"--set {k}={v}" for k, v in run_values.items()))
+    print(describe_checkpoint(saves))
     if shrunk:
         print(describe_fewer_nodes(shrunk))
     if written:
         print(f"wrote {written}")
     return 0
+
+
+def checkpoint_cost(shape, precision: str, best: Estimate, cluster: Cluster, disk_gbs: float) -> dict[str, float]:
+    """One checkpoint of the recommended setup: bytes in all and from the busiest node, and the seconds that
+    node takes to write them at ``disk_gbs``."""
+    from llm_ds.plan.memory import checkpoint_bytes
+
+    size = checkpoint_bytes(shape.n_params, precision, best.candidate, cluster.nodes)
+    return {
+        "bytes": size["total"],
+        "busiest_node_bytes": size["busiest_node"],
+        "disk_gbs": disk_gbs,
+        "write_s": size["busiest_node"] / (disk_gbs * 1e9),
+    }
+
+
+def describe_checkpoint(saves: dict[str, float]) -> str:
+    return (
+        f"checkpoint: {fmt_bytes(saves['bytes'])} in all, {fmt_bytes(saves['busiest_node_bytes'])} from the busiest "
+        f"node: {saves['write_s']:.1f} s to write at {saves['disk_gbs']:g} GB/s per node (--disk-gbs); training "
+        f"waits that long at every save, or, with checkpoint.async: true, only while the states are copied to host "
+        f"memory (as much again per node, kept between saves)"
+    )
 
 
 def _run_values(best: Estimate) -> dict[str, Any]:

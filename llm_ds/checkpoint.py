@@ -230,7 +230,7 @@ class Checkpointer:
 
         started = time.perf_counter()
         before = self._finish(charge=False)
-        waited = time.perf_counter() - started
+        waited = time.perf_counter() - started if before is not None else 0.0
         ckpt_dir = self.cfg.checkpoint_dir
         path = ckpt_dir / tag_for(step)
         if self.rank == 0 and path.exists():

@@ -180,3 +180,20 @@ def nvme_buffer_bytes(zero: dict[str, Any], cand: Candidate, n_params: int, worl
         sub_group = min(zero.get("sub_group_size", 1_000_000_000), n_params / world)
         total += o.get("buffer_count", 4) * sub_group * 4
     return total
+
+
+def checkpoint_bytes(n_params: int, precision: str, cand: Candidate, nodes: int) -> dict[str, float]:
+    """What one checkpoint writes, as DeepSpeed lays it out: ``total`` and ``busiest_node`` (node 0's).
+
+    The optimizer states (fp32 master copy and Adam's two moments: 12 bytes per parameter; 8 for ZeRO-0 in
+    fp32, whose torch optimizer has no master copy) are shared evenly over the ranks under ZeRO 1-3; under
+    ZeRO-0 the first data-parallel rank writes them all. The weights in the training precision are written
+    by each model-parallel group's first data-parallel rank, on node 0 (a tensor group shares a node;
+    pipeline stages spread them over the nodes they span); ZeRO-3 keeps them only in the optimizer states.
+    """
+    e = bytes_per_value(precision)
+    optimizer = (8 if cand.stage == 0 and e == 4 else 12) * n_params
+    weights = 0.0 if cand.stage == 3 else e * n_params
+    weights_on_node0 = weights / min(cand.pipeline, nodes)
+    optimizer_on_node0 = optimizer if cand.stage == 0 else optimizer / nodes
+    return {"total": optimizer + weights, "busiest_node": optimizer_on_node0 + weights_on_node0}

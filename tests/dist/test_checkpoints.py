@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -53,6 +54,22 @@ def test_keep_last_and_the_manifest(finished):
     assert state["step"] == 30 and state["data"] == {"epoch": 0, "consumed": 30 * 4}
     assert {p.name for p in ours.glob("rng_rank*.json")} == {"rng_rank0.json", "rng_rank1.json"}
     assert (ours / "tokenizer" / "tokenizer.json").is_file() and (ours / "config.yaml").is_file()
+    # Every save reported; in the foreground training waits for all of it.
+    saves = [r for r in map(json.loads, (finished / "metrics.jsonl").read_text().splitlines()) if "ckpt/bytes" in r]
+    assert [r["step"] for r in saves] == [10, 20, 30]
+    complete = json.loads((ckpts / "global_step30" / "COMPLETE").read_text())
+    assert saves[-1]["ckpt/bytes"] == sum(complete["files"].values()) > 20e6
+    # What `llm-ds plan` predicts for it: 16 bytes per parameter in fp32 (weights, master copy, two moments).
+    from llm_ds.plan.memory import checkpoint_bytes
+    from llm_ds.plan.shapes import Candidate
+
+    params = json.loads((finished / "summary.json").read_text())["parameters"]
+    predicted = checkpoint_bytes(params, "fp32", Candidate(1), nodes=1)["total"]
+    assert predicted == pytest.approx(saves[-1]["ckpt/bytes"], rel=0.05)
+    assert all(r["ckpt/wait_s"] == 0 and r["ckpt/save_s"] > 0 and r["ckpt/write_gbs"] > 0 for r in saves)
+    summary = json.loads((finished / "summary.json").read_text())
+    assert summary["checkpoints_saved"] == 3 and summary["checkpoint_async"] is False
+    assert summary["checkpoint_stall_s"] == pytest.approx(sum(r["ckpt/save_s"] for r in saves), rel=1e-9)
 
 
 def test_export_loads_and_matches_the_training_weights(finished, tmp_path):
@@ -142,7 +159,10 @@ def test_mismatched_resume_is_refused(finished, tmp_path, data_cache, change, ra
     assert expected in proc.stderr, proc.stderr[-2000:]
 
 
-def test_a_full_disk_during_save_keeps_the_previous_checkpoint(finished, tmp_path, data_cache):
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+def test_a_full_disk_during_save_keeps_the_previous_checkpoint(finished, tmp_path, data_cache, background):
+    """In the background the save at step 40 fails while training goes on: every rank stops a few steps later,
+    at the same step, without saving again."""
     import os
     import resource
 
@@ -150,8 +170,10 @@ def test_a_full_disk_during_save_keeps_the_previous_checkpoint(finished, tmp_pat
     from tests.conftest import DEEPSPEED, free_port
 
     out = copy_run(finished, tmp_path / "run")
+    steps = 60 if background else 40
+    extra = ["--set", "checkpoint.async=true"] if background else []
     cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "llm_ds" / "train.py"),
-           *base_args(out, data_cache, steps=40)]
+           *base_args(out, data_cache, steps=steps), *extra]
     limit = 4 << 20  # files may grow to 4 MB: the log files can, the 7-11 MB shards cannot
 
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ},
@@ -161,6 +183,10 @@ def test_a_full_disk_during_save_keeps_the_previous_checkpoint(finished, tmp_pat
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text() == "global_step30"
     assert not (ckpts / "global_step40" / "COMPLETE").exists()
+    if background:
+        assert not (ckpts / "global_step50").exists()
+        stopped = re.search(r"stopped after step (\d+) \(checkpoint failed\)\n", proc.stdout)
+        assert stopped and 40 < int(stopped.group(1)) < 50, proc.stdout[-3000:]
     verify(ckpts / "global_step30", None)  # every file as it was saved
     rerun = run_driver(base_args(out, data_cache, steps=40), ranks=2)
     assert rerun.returncode == 0 and "at step 30" in rerun.stdout, rerun.stderr[-2000:]

@@ -44,7 +44,7 @@ def observed(tmp_path_factory, data_cache):
             "--set", "data.block_size=64", "--set", "train.micro_batch_size=4", "--set", "train.max_steps=12",
             "--set", "train.warmup_steps=2", "--set", "train.eval_interval=6", "--set", "train.eval_max_batches=2",
             "--set", "logging.log_interval=3", "--set", "logging.wandb=true", "--set", "logging.peak_tflops=0.5",
-            "--set", "checkpoint.interval=0", "--set", f"train.output_dir={out}",
+            "--set", "checkpoint.interval=5", "--set", "checkpoint.async=true", "--set", f"train.output_dir={out}",
             "--set", f"data.cache_dir={data_cache}"]
     proc = run_driver(args, ranks=2, env={**SECRETS, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -79,6 +79,19 @@ def test_tensorboard_read_back_matches_metrics_and_summary(observed):
     assert summary["mfu"] is not None and 0 < summary["mfu"] and summary["peak_memory_bytes"] > 0
     assert "config/run" in "".join(acc.Tags()["tensors"])  # the run and DS configs as text
 
+    # Background saves at steps 5 and 10, and the last one at 12: each reported at its own step.
+    saves = [r for r in records if "ckpt/save_s" in r]
+    assert [r["step"] for r in saves] == [e.step for e in acc.Scalars("ckpt/bytes")] == [5, 10, 12]
+    for tag in ("ckpt/save_s", "ckpt/wait_s", "ckpt/bytes", "ckpt/write_gbs"):
+        for event, record in zip(acc.Scalars(tag), saves, strict=True):
+            assert event.value == pytest.approx(record[tag], rel=1e-6), tag
+    complete = json.loads((out / "checkpoints" / "global_step12" / "COMPLETE").read_text())
+    assert saves[-1]["ckpt/bytes"] == sum(complete["files"].values())
+    assert all(r["ckpt/write_gbs"] > 0 and 0 < r["ckpt/save_s"] for r in saves)
+    assert summary["checkpoints_saved"] == 3 and summary["checkpoint_async"] is True
+    assert summary["checkpoint_stall_s"] == pytest.approx(sum(r["ckpt/save_s"] for r in saves), rel=1e-9)
+    assert summary["checkpoint_host_bytes"] > 0
+
 
 def test_one_wandb_offline_run_with_the_history(observed):
     out, _ = observed
@@ -97,6 +110,8 @@ def test_one_wandb_offline_run_with_the_history(observed):
     for step, items in history:
         if "train/loss" in items:
             assert items["train/loss"] == pytest.approx(metrics[step]["train/loss"], rel=1e-9)
+    # A background save's figures arrive after later steps were logged: W&B keeps them, at a later step.
+    assert len([step for step, items in history if "ckpt/save_s" in items]) == 3
 
 
 def test_secrets_appear_nowhere(observed):

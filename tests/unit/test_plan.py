@@ -205,6 +205,30 @@ def test_plan_command_json_and_write(tmp_path, capsys):
     assert ds["train_batch_size"] == result["global_batch"]
 
 
+def test_checkpoint_size_per_node_and_write_time(tmp_path, capsys):
+    """ZeRO-1 spreads the optimizer states over the nodes; node 0 also writes the weights."""
+    from llm_ds.plan.memory import checkpoint_bytes
+
+    n = 124_439_808
+    one = checkpoint_bytes(n, "fp32", plan.Candidate(1), nodes=1)
+    assert one["total"] == one["busiest_node"] == 16 * n  # 1.99 GB: what a 1-rank fp32 ZeRO-1 save writes
+    two = checkpoint_bytes(n, "bf16", plan.Candidate(1), nodes=2)
+    assert two["total"] == 14 * n and two["busiest_node"] == 6 * n + 2 * n
+    assert checkpoint_bytes(n, "bf16", plan.Candidate(3), nodes=2)["busiest_node"] == 6 * n
+    assert checkpoint_bytes(n, "fp32", plan.Candidate(0), nodes=2)["busiest_node"] == 12 * n  # no sharding
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=8\nb slots=8\n")
+    args = ["--gpu", "H100", "--hostfile", str(hostfile), "--config", "llm_ds/configs/gpt2-124m.yaml"]
+    code, out, _ = run_plan(capsys, *args, "--disk-gbs", "0.5", "--json")
+    assert code == 0
+    saves = json.loads(out)["checkpoint"]
+    assert saves["disk_gbs"] == 0.5 and saves["write_s"] == pytest.approx(saves["busiest_node_bytes"] / 0.5e9)
+    assert 0 < saves["busiest_node_bytes"] < saves["bytes"]
+    code, out, _ = run_plan(capsys, *args, "--disk-gbs", "0.5")
+    assert f"{saves['write_s']:.1f} s to write at 0.5 GB/s per node" in out and "checkpoint.async: true" in out
+
+
 def test_plan_table_names_the_recommendation(capsys):
     code, out, _ = run_plan(capsys, "--gpu", "A100-40GB", "--config", "llm_ds/configs/gpt2-124m.yaml")
     assert code == 0
@@ -238,6 +262,7 @@ def test_nothing_fits_says_what_would(capsys):
         (["--gpu-mem-gb", "0", "--gpu", "H100"], "--gpu-mem-gb must be > 0, got 0"),
         (["--cpu-mem-gb", "-4", "--gpu", "H100"], "--cpu-mem-gb must be > 0, got -4"),
         (["--nvme-gb", "-1", "--gpu", "H100"], "--nvme-gb must be >= 0, got -1"),
+        (["--disk-gbs", "0", "--gpu", "H100"], "--disk-gbs must be > 0, got 0"),
         (["--gpu", "Z9000"], "--gpu 'Z9000': unknown memory size; give --gpu-mem-gb"),
         (["--gpu", "H100", "--set", "train.lr=-1"], "`train.lr` must be > 0"),
         (["--gpu", "H100", "--set", "model.n_layr=2"], "model.n_layr"),
