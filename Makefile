@@ -13,7 +13,7 @@ DS_CONFIG ?= ds_configs/zero2.json
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps test test-unit test-floors lint format train smoke bench bench-memory bench-gpu bench-data bench-logging docker docker-smoke smoke-multinode clean
+.PHONY: install sysdeps test test-unit test-floors lint format train smoke bench bench-memory bench-gpu bench-data bench-logging bench-checkpoint docker docker-smoke smoke-multinode clean
 
 install: $(STAMP)
 
@@ -104,10 +104,17 @@ smoke-multinode: install
 	$(PY) -m pytest -q tests/dist/test_multinode.py
 
 # Side by side on CPU: a plain PyTorch loop against llm-ds (ZeRO 0-3, 1 and 2 ranks), packed against
-# padded, then memory per rank (bench-memory); writes bench/results/cpu.json.
+# padded, then memory per rank (bench-memory) and what checkpoints cost (bench-checkpoint); writes
+# bench/results/cpu.json.
 bench: install
 	$(PY) bench/bench_cpu.py
 	$(PY) bench/bench_memory.py
+	$(PY) bench/bench_checkpoint.py
+
+# What a checkpoint costs training: none, foreground and background saves (checkpoint.async) of a 24M-parameter
+# GPT-2, alternated; writes bench/results/checkpoint.json.
+bench-checkpoint: install
+	$(PY) bench/bench_checkpoint.py
 
 # Memory per rank of a 29.5M-parameter GPT-2 under ZeRO 0-3, CPU and NVMe offload, 2 ranks: model
 # states and peak, against the ZeRO paper's bytes per parameter and `llm-ds plan`'s prediction.

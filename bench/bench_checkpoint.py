@@ -113,8 +113,8 @@ def main() -> None:
         s = f"{stall[v]:14.3f}{write[v]:12.2f}" if v in stall else f"{'-':>14}{'-':>12}"
         print(f"{v:8}{s}{tokens[v]:10,.0f}")
     print(
-        f"async stall {result['async_stall_over_sync']:.3f}x sync; tokens/s between saves: async "
-        f"{result['async_tokens_per_s_over_none']:.3f}x, sync {result['sync_tokens_per_s_over_none']:.3f}x no checkpoints"
+        f"async stall {result['async_stall_over_sync']:.3f}x sync; tokens/s between saves, against no checkpoints: "
+        f"async {result['async_tokens_per_s_over_none']:.3f}x, sync {result['sync_tokens_per_s_over_none']:.3f}x"
     )
     print(f"wrote {OUT.relative_to(ROOT)}")
 

@@ -290,7 +290,7 @@ class Checkpointer:
         self._forget = save
         if save.result == OK:
             if self.rank == 0:
-                save.bytes = sum(path_sizes(save.path).values())
+                save.bytes = sum(json.loads((save.path / COMPLETE).read_text())["files"].values())
                 save.write_s = save.writer.committed_at - save.started
             elif self.local_rank == 0:
                 prune(self.cfg)  # another node's view of a shared folder, or its own folder
