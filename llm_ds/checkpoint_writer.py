@@ -140,8 +140,11 @@ class FileEngine:
     def save(self, state_dict, path: str) -> None:
         if self.staging is None:
             self._write(state_dict, path)
-        else:
-            self.queued.append((self.staging.copy(state_dict, os.path.basename(path)), path))
+        elif self.error is None:
+            try:
+                self.queued.append((self.staging.copy(state_dict, os.path.basename(path)), path))
+            except Exception as exc:  # host memory short for the copy: this save fails, on every rank
+                self.error = f"copying {os.path.basename(path)} to host memory: {first_line(exc)}"
 
     def load(self, path: str, map_location=None):
         return self.inner.load(path, map_location=map_location)
@@ -176,8 +179,8 @@ class FileEngine:
             self.inner.save(state_dict, path)
             fsync_file(path)
             self.bytes += os.path.getsize(path)
-        except (OSError, RuntimeError) as exc:  # a full disk surfaces as either, depending on the writer
-            self.error = first_line(exc)
+        except Exception as exc:  # a full disk is an OSError or a RuntimeError, depending on the writer
+            self.error = first_line(exc)  # every rank learns of it through the store, and none hangs
 
     def write_queued(self) -> None:
         queued, self.queued = self.queued, []
@@ -205,7 +208,7 @@ class Writer:
         if engine.error is None:
             try:
                 own_files()
-            except (OSError, RuntimeError) as exc:
+            except Exception as exc:
                 engine.error = first_line(exc)
         if engine.error is not None:
             self.store.compare_set(self.key("failed"), "", f"failed on rank {self.rank} ({engine.error})")
@@ -218,7 +221,7 @@ class Writer:
                 try:
                     self.commit()
                     self.committed_at = time.perf_counter()
-                except (OSError, RuntimeError) as exc:
+                except Exception as exc:
                     failure = f"failed on rank {self.rank} ({first_line(exc)})"
             self.store.set(self.key("result"), failure or OK)
 

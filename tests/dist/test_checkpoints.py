@@ -102,8 +102,9 @@ def test_export_loads_and_matches_the_training_weights(finished, tmp_path):
 
 
 def test_sigterm_and_save_trigger(tmp_path, data_cache):
+    """With background saves: the triggered one completes behind training; SIGTERM's is complete before exit."""
     out, trigger = tmp_path / "run", tmp_path / "save-now"
-    args = base_args(out, data_cache, steps=400) + ["--set", "checkpoint.interval=0",
+    args = base_args(out, data_cache, steps=400) + ["--set", "checkpoint.interval=0", "--set", "checkpoint.async=true",
                                                     "--set", f"checkpoint.save_trigger={trigger}"]
     proc = start_driver(args)
     metrics = out / "metrics.jsonl"
