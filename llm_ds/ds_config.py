@@ -321,7 +321,7 @@ def resolve_ds_config(
         _fill(section, "enabled", precision == name, f"{where} {name}", f"precision {precision}")
 
     _fill_parallel(ds, cfg, where)
-    _check_checkpoint_writer(ds, cfg, where)
+    _check_checkpoint_writer(ds, where)
     nvme_path = str(cfg.nvme_dir)
     zero = ds.get("zero_optimization") or {}
     for key in ("offload_param", "offload_optimizer"):
@@ -368,22 +368,17 @@ def _fill_parallel(ds: dict[str, Any], cfg: RunConfig, where: str) -> None:
         )
 
 
-def _check_checkpoint_writer(ds: dict[str, Any], cfg: RunConfig, where: str) -> None:
-    """DeepSpeed's own ``checkpoint.writer`` writes the files llm-ds marks complete: its fast writer in the
-    foreground is taken as it is; its decoupled mode finishes a save inside a later optimizer step, after
-    llm-ds would have marked it complete, and a background save already writes behind training."""
+def _check_checkpoint_writer(ds: dict[str, Any], where: str) -> None:
+    """DeepSpeed's own ``checkpoint.writer`` is refused: its decoupled mode finishes a save inside a later
+    optimizer step, after llm-ds would have marked it complete (and DeepSpeed's pipeline engine never
+    finishes it); its fast writer splits a ZeRO file into one part per data-parallel rank under other names,
+    and its mock writer writes nothing. llm-ds writes with torch.save, in the background where asked."""
     writer = (ds.get("checkpoint") or {}).get("writer")
-    if not writer:
-        return
-    if writer.get("decoupled"):
+    if writer:
+        mode = "decoupled" if writer.get("decoupled") else str(writer.get("type", "fast")).lower()
         raise ConfigError(
-            f"DeepSpeed config {where}: checkpoint.writer.decoupled=true finishes a save inside a later optimizer "
-            f"step, where llm-ds cannot know it is durable; remove it and set checkpoint.async=true in the run config"
-        )
-    if cfg.checkpoint.async_:
-        raise ConfigError(
-            f"DeepSpeed config {where}: checkpoint.writer with checkpoint.async=true: a background save writes with "
-            f"torch.save from host copies; remove checkpoint.writer, or set checkpoint.async=false to use it"
+            f"DeepSpeed config {where}: checkpoint.writer ({mode}) writes checkpoints llm-ds cannot mark complete "
+            f"and resume from; remove it (checkpoint.async=true in the run config writes them behind training)"
         )
 
 
