@@ -176,8 +176,9 @@ class Save:
     stall_s: float = 0.0  # what training waited: the wait for the save before, the copies, the small files
     wait_s: float = 0.0  # of which the wait for the save before
     bytes: int = 0  # the whole checkpoint, every rank's files (rank 0 knows it)
-    write_s: float = 0.0  # from the request until every rank's files were durable and COMPLETE written
+    write_s: float = 0.0  # from the start (after any wait) until every rank's files were durable and COMPLETE written
     result: str | None = None  # checkpoint_writer.OK, or the failure
+    write_started: float = 0.0  # perf_counter once the save before was out of the way
 
     @property
     def failed(self) -> bool:
@@ -216,20 +217,32 @@ class Checkpointer:
         self.prefix = f"llm_ds/{next(self._runs)}/ckpt"
         self.files = FileEngine(engine.checkpoint_engine, Staging() if background else None)
         engine.checkpoint_engine = self.files
+        copy_script = getattr(engine, "_copy_recovery_script", None)
+        if copy_script is not None:  # rank 0 copies zero_to_fp32.py inside DeepSpeed's barriers: it must not raise
+
+            def copy_recovery_script(save_path, _copy=copy_script):
+                try:
+                    _copy(save_path)
+                except OSError as exc:
+                    self.files.fail(exc)
+
+            engine._copy_recovery_script = copy_recovery_script
         self.pending: Save | None = None
         self._forget: Save | None = None  # a finished save whose keys rank 0 deletes at the next save
 
     def save(
         self, step: int, state: dict[str, Any], manifest: dict[str, Any], ds_config: dict[str, Any], tokenizer
-    ) -> tuple[Save, Save | None]:
+    ) -> tuple[Save | None, Save | None]:
         """Start a checkpoint of ``step`` (finished before returning in the foreground); returns it and the
-        save in flight before it, which this one waited for."""
+        save in flight before it, which this one waited for (and None for this one if that one failed)."""
         import deepspeed.comm as dist
 
         from llm_ds.checkpoint_writer import Writer
 
         started = time.perf_counter()
         before = self._finish(charge=False)
+        if before is not None and before.failed:
+            return None, before  # every rank read the same result: none saves again
         waited = time.perf_counter() - started if before is not None else 0.0
         ckpt_dir = self.cfg.checkpoint_dir
         path = ckpt_dir / tag_for(step)
@@ -244,7 +257,7 @@ class Checkpointer:
         own = _own_files(path / OURS, self.cfg, self.rank, state, manifest, ds_config, tokenizer, self.engine)
         commit = (lambda: commit_checkpoint(path, step, manifest["world_size"], self.cfg)) if self.rank == 0 else None
         writer = Writer(self.store, f"{self.prefix}/{step}", self.rank, self.world_size, commit)
-        save = Save(step, path, started, writer, None, wait_s=waited)
+        save = Save(step, path, started, writer, None, wait_s=waited, write_started=started + waited)
         self.pending = save
         if self.background:
             save.thread = threading.Thread(
@@ -265,8 +278,8 @@ class Checkpointer:
         return self._settle()
 
     def finish(self) -> Save | None:
-        """Wait for the save in flight (training waits: the time counts in its ``stall_s``); the save, or None
-        if there was none. Raises its failure."""
+        """Wait for the save in flight (training waits: the time counts in its ``stall_s``); the save (complete
+        or failed: every rank gets the same), or None if there was none."""
         return self._finish(charge=True)
 
     def _finish(self, charge: bool) -> Save | None:
@@ -277,8 +290,6 @@ class Checkpointer:
         save = self._settle()
         if charge:
             save.stall_s += time.perf_counter() - start
-        if save.failed:
-            raise CheckpointError(self.failure_message(save))
         return save
 
     def _settle(self) -> Save:
@@ -291,7 +302,7 @@ class Checkpointer:
         if save.result == OK:
             if self.rank == 0:
                 save.bytes = sum(json.loads((save.path / COMPLETE).read_text())["files"].values())
-                save.write_s = save.writer.committed_at - save.started
+                save.write_s = save.writer.committed_at - save.write_started
             elif self.local_rank == 0:
                 prune(self.cfg)  # another node's view of a shared folder, or its own folder
         return save
@@ -319,6 +330,11 @@ def _own_files(ours: Path, cfg: RunConfig, rank: int, state, manifest, ds_config
     state, manifest = json.loads(json.dumps(state)), json.loads(json.dumps(manifest))
 
     def write() -> None:
+        from llm_ds.checkpoint_writer import fsync_tree
+
+        offloaded = ours.parent / "offloaded_tensors"  # DeepSpeed's copy of NVMe-offloaded states, each rank's
+        if offloaded.is_dir():
+            fsync_tree(offloaded)
         ours.mkdir(parents=True, exist_ok=True)
         _write_json(ours / f"rng_rank{rank}.json", rng)
         if rank != 0:
@@ -339,9 +355,10 @@ def path_sizes(path: Path) -> dict[str, int]:
     return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
 
 
-def commit_checkpoint(path: Path, step: int, world_size: int, cfg: RunConfig) -> None:
+def commit_checkpoint(path: Path, step: int, world_size: int, cfg: RunConfig) -> float:
     """Rank 0, once every rank's files are durable: ``COMPLETE`` (the files and their sizes), then the
-    ``latest`` pointer, atomically; then checkpoints beyond ``keep_last`` go."""
+    ``latest`` pointer, atomically; then checkpoints beyond ``keep_last`` go. Returns perf_counter at the
+    moment the checkpoint was complete (before the pruning)."""
     from llm_ds.checkpoint_writer import fsync_file, fsync_tree
 
     fsync_tree(path)  # files written here outside the engine (DeepSpeed's zero_to_fp32.py), and the folders
@@ -351,7 +368,9 @@ def commit_checkpoint(path: Path, step: int, world_size: int, cfg: RunConfig) ->
     ckpt_dir = path.parent
     _write_text(ckpt_dir / LATEST, path.name)
     fsync_file(ckpt_dir)
+    done = time.perf_counter()
     prune(cfg)
+    return done
 
 
 def prune(cfg: RunConfig) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 OK = "ok"
 POLL_S = 0.01  # how often a wait asks the store
+WRITE_TIMEOUT_S = 1800.0  # rank 0 waits this long for every rank's files (the process group's own timeout)
 
 
 def fsync_file(path: str | Path) -> None:
@@ -135,7 +136,15 @@ class FileEngine:
         self.inner.create(info)
 
     def makedirs(self, path, exist_ok=False) -> None:
-        self.inner.makedirs(path, exist_ok=exist_ok)
+        try:
+            self.inner.makedirs(path, exist_ok=exist_ok)
+        except OSError as exc:  # on this rank only, inside DeepSpeed's barriers: it must not raise there
+            self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """This save has failed on this rank (the first error is kept); every rank learns of it."""
+        if self.error is None:
+            self.error = first_line(exc)
 
     def save(self, state_dict, path: str) -> None:
         if self.staging is None:
@@ -180,7 +189,7 @@ class FileEngine:
             fsync_file(path)
             self.bytes += os.path.getsize(path)
         except Exception as exc:  # a full disk is an OSError or a RuntimeError, depending on the writer
-            self.error = first_line(exc)  # every rank learns of it through the store, and none hangs
+            self.fail(exc)  # every rank learns of it through the store, and none hangs
 
     def write_queued(self) -> None:
         queued, self.queued = self.queued, []
@@ -194,10 +203,10 @@ class FileEngine:
 class Writer:
     """One save's files on this rank, then its part in making the checkpoint complete (see the module)."""
 
-    def __init__(self, store, prefix: str, rank: int, world_size: int, commit: Callable[[], None] | None):
+    def __init__(self, store, prefix: str, rank: int, world_size: int, commit: Callable[[], float] | None):
         self.store, self.prefix, self.rank, self.world_size = store, prefix, rank, world_size
-        self.commit = commit  # rank 0's: COMPLETE and latest
-        self.committed_at: float | None = None  # perf_counter once COMPLETE is written (rank 0)
+        self.commit = commit  # rank 0's: COMPLETE and latest; returns perf_counter once they are written
+        self.committed_at: float | None = None  # perf_counter once COMPLETE and latest are written (rank 0)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -215,12 +224,17 @@ class Writer:
         if self.store.add(self.key("done"), 1) == self.world_size:
             self.store.set(self.key("all"), "1")
         if self.commit is not None:
-            self.wait_for("all")
-            failure = self.read("failed")
+            if self.wait_for("all", WRITE_TIMEOUT_S):
+                failure = self.read("failed")
+            else:  # a rank died mid-write, or cannot write: no collective is left to notice it
+                done = int(self.store.add(self.key("done"), 0))
+                failure = (
+                    f"failed: {self.world_size - done} of {self.world_size} rank(s) had not written their files "
+                    f"after {WRITE_TIMEOUT_S:.0f} s"
+                )
             if failure is None:
                 try:
-                    self.commit()
-                    self.committed_at = time.perf_counter()
+                    self.committed_at = self.commit()
                 except Exception as exc:
                     failure = f"failed on rank {self.rank} ({first_line(exc)})"
             self.store.set(self.key("result"), failure or OK)
@@ -229,12 +243,17 @@ class Writer:
         key = self.key(name)
         return self.store.get(key).decode() if self.store.check([key]) else None
 
-    def wait_for(self, name: str) -> None:
+    def wait_for(self, name: str, timeout_s: float | None = None) -> bool:
+        """Whether ``name`` was posted (before ``timeout_s``)."""
         # Short requests, not the store's blocking wait: a client runs one request at a time, and the
         # training thread's requests (the step-boundary polls) must not queue behind a long wait.
         key = self.key(name)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not self.store.check([key]):
+            if deadline is not None and time.monotonic() > deadline:
+                return False
             time.sleep(POLL_S)
+        return True
 
     def result(self, wait: bool) -> str | None:
         """``OK``, a failure (``failed on rank R (...)``), or None while the save is in flight (``wait=False``)."""

@@ -53,7 +53,8 @@ class TrainerCallback:
         """After an evaluation: the token-weighted mean loss over the validation data, all ranks together."""
 
     def on_save(self, trainer: Trainer, checkpoint_dir: Path) -> None:
-        """After a complete checkpoint was written to ``checkpoint_dir``."""
+        """After a complete checkpoint was written to ``checkpoint_dir``. With ``checkpoint.async``, at the step
+        boundary where this rank learns of it, which can differ between ranks: no collectives here."""
 
 
 @dataclass
@@ -545,13 +546,15 @@ class Trainer:
         self.state.first_train_loss = state.get("first_train_loss")
         self.train_loader.load_state_dict(state["data"])
 
-    def save_checkpoint(self, wait: bool = True) -> Path:
+    def save_checkpoint(self, wait: bool = True) -> Path | None:
         """Save a checkpoint of this step (a collective: every rank calls it); returns its folder.
 
         ``wait=False`` with ``checkpoint.async: true``: return once the states are copied; the files are
         written behind the next steps (the result comes at a step boundary in ``fit``, or ``finish_saves()``).
-        A save asked for while one is in flight waits for it first. Raises ``CheckpointError`` where a
-        save fails (every rank at once), naming the checkpoint that stays the latest.
+        A save asked for while one is in flight waits for it first. A failed save (on any rank) reaches every
+        rank: in ``fit`` the run stops a step or two later on all of them and ``fit`` raises it; outside
+        ``fit`` this raises it, a ``CheckpointError`` naming the checkpoint that stays the latest (and returns
+        None where the save in flight before this one failed).
         """
         from llm_ds import checkpoint
 
@@ -562,6 +565,8 @@ class Trainer:
         save, before = self.checkpointer.save(self.state.step, state, self._manifest, self.ds_config, self.tokenizer)
         if before is not None:
             self._saved(before)
+        if save is None:
+            return None  # the save before failed: the run stops (fit), or the caller has the error
         if self.checkpointer.pending is None:
             self._saved(save)
         elif wait:
@@ -569,7 +574,7 @@ class Trainer:
         return save.path
 
     def finish_saves(self) -> None:
-        """Wait for a save in flight (a collective); raises its failure."""
+        """Wait for a save in flight (a collective); outside ``fit``, raises its failure."""
         save = self.checkpointer.finish()
         if save is not None:
             self._saved(save)
@@ -762,8 +767,7 @@ class Trainer:
                 break
         if stopped_by is None and self._stop_pending():
             stopped_by = self.control.stop_reason()
-        if not self._checkpoint_failed:
-            self.finish_saves()
+        self.finish_saves()  # the last save is complete, or its failure known, on every rank alike
         tokens_per_s = timed_tokens / train_time_s if train_time_s > 0 else None
         memory = self.metrics.rank_memory
         return RunSummary(

@@ -188,6 +188,8 @@ def test_a_full_disk_during_save_keeps_the_previous_checkpoint(finished, tmp_pat
         assert not (ckpts / "global_step50").exists()
         stopped = re.search(r"stopped after step (\d+) \(checkpoint failed\)\n", proc.stdout)
         assert stopped and 40 < int(stopped.group(1)) < 50, proc.stdout[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["stopped_by"] == "checkpoint failed" and summary["steps"] == int(stopped.group(1))
     verify(ckpts / "global_step30", None)  # every file as it was saved
     rerun = run_driver(base_args(out, data_cache, steps=40), ranks=2)
     assert rerun.returncode == 0 and "at step 30" in rerun.stdout, rerun.stderr[-2000:]
