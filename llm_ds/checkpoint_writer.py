@@ -1,8 +1,8 @@
 """How a checkpoint's files reach the disk: DeepSpeed writes them, durably, in the foreground or behind training.
 
 DeepSpeed's ``save_checkpoint`` hands every file it saves to its engine's checkpoint engine (its
-``CheckpointEngine`` interface; ``torch.save`` by default, or the fast writer its ``checkpoint.writer``
-config selects). ``FileEngine`` sits in front of that engine:
+``CheckpointEngine`` interface; ``torch.save``: DeepSpeed's own ``checkpoint.writer`` is refused, see
+``ds_config.py``). ``FileEngine`` sits in front of that engine:
 
 - in the foreground (``checkpoint.async: false``) it writes each file at once and fsyncs it;
 - in the background (``checkpoint.async: true``) it copies each state dict into host memory kept from
@@ -11,7 +11,7 @@ config selects). ``FileEngine`` sits in front of that engine:
 
 Either way a checkpoint becomes complete the same way: each rank counts itself done in the process
 group's key-value store once its files are durable; rank 0, once every rank is, writes ``COMPLETE``
-and moves ``latest`` (``checkpoint.commit``) and posts the result, which every rank reads at a step
+and moves ``latest`` (``checkpoint.commit_checkpoint``) and posts the result, which every rank reads at a step
 boundary. A failed write anywhere posts that failure instead, and no ``COMPLETE`` is written.
 """
 
