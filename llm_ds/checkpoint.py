@@ -179,6 +179,8 @@ class Save:
     write_s: float = 0.0  # from the start (after any wait) until every rank's files were durable and COMPLETE written
     result: str | None = None  # checkpoint_writer.OK, or the failure
     write_started: float = 0.0  # perf_counter once the save before was out of the way
+    thread_started: bool = False  # written behind training
+    waited_out: bool = False  # written behind training, then waited for to the end (the run's last save)
 
     @property
     def failed(self) -> bool:
@@ -264,6 +266,7 @@ class Checkpointer:
                 target=writer.run, args=(self.files, own), name=f"llm_ds checkpoint {step}", daemon=True
             )
             save.thread.start()
+            save.thread_started = True
             save.stall_s = time.perf_counter() - started
         else:
             writer.run(self.files, own)
@@ -290,6 +293,7 @@ class Checkpointer:
         save = self._settle()
         if charge:
             save.stall_s += time.perf_counter() - start
+            save.waited_out = save.thread_started
         return save
 
     def _settle(self) -> Save:

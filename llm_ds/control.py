@@ -73,8 +73,12 @@ class Control:
         return self.store.get(self.reason_key).decode() if self.store.check([self.reason_key]) else None
 
     def close(self) -> None:
+        """Signals keep their meaning again. The store keys stay: another rank may still read them."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def forget(self) -> None:
+        """Rank 0, once every rank is past the run's last step (after a barrier): the keys leave the store."""
         if self.rank == 0:
             for key in (self.stop_key, self.save_key, self.reason_key):
                 if self.store.check([key]):

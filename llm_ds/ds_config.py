@@ -144,7 +144,8 @@ def check_with_deepspeed(ds: dict[str, Any], source: str) -> None:
         ds_runtime_config.DeepSpeedConfig(checked)
     except pydantic.ValidationError as exc:
         raise ConfigError(_describe(exc, ds, source)) from None
-    except (ValueError, AssertionError, KeyError, TypeError) as exc:
+    except (ValueError, AssertionError, KeyError, TypeError, ds_runtime_config.DeepSpeedConfigError) as exc:
+        # DeepSpeedConfigError: a section DeepSpeed has removed (nebula, ...), a plain Exception of its own
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"DeepSpeed config {source}: DeepSpeed refuses it: {first}") from None
 
@@ -377,8 +378,8 @@ def _check_checkpoint_writer(ds: dict[str, Any], where: str) -> None:
     if writer:
         mode = "decoupled" if writer.get("decoupled") else str(writer.get("type", "fast")).lower()
         raise ConfigError(
-            f"DeepSpeed config {where}: checkpoint.writer ({mode}) writes checkpoints llm-ds cannot mark complete "
-            f"and resume from; remove it (checkpoint.async=true in the run config writes them behind training)"
+            f"DeepSpeed config {where}: checkpoint.writer ({mode}) writes checkpoints llm-ds cannot mark complete and "
+            f"resume from; remove it (llm-ds writes them with torch.save, behind training with checkpoint.async=true)"
         )
 
 

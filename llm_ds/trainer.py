@@ -593,9 +593,12 @@ class Trainer:
             return
         self._saves.append(save)
         if self.rank == 0:
-            background = (
-                f" in the background; training waited {save.stall_s:.2f} s" if self.checkpointer.background else ""
-            )
+            if save.waited_out:
+                background = f"; training waited {save.stall_s:.2f} s for it (the run's last save)"
+            elif save.thread_started:
+                background = f" in the background; training waited {save.stall_s:.2f} s"
+            else:
+                background = ""
             logger.info(
                 "saved checkpoint %s in %.1f s (%.2f GB, %.2f GB/s)%s",
                 save.path,
@@ -652,10 +655,11 @@ class Trainer:
                 f" {self.resize_note}" if self.resize_note else "",
             )
         self._open(resumed)
+        control = self.control
         try:
             summary = self._loop(resume_step=self.state.step)
         finally:
-            self.control.close()
+            control.close()
             self.monitor.close()
             self.control = None
         if self.rank == 0:
@@ -666,6 +670,7 @@ class Trainer:
         from llm_ds.distributed import barrier
 
         barrier()
+        control.forget()  # not before: a rank that did not see the signal reads why the run stopped from the store
         if self._error is not None:
             raise self._error
         return summary

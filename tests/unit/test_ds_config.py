@@ -248,6 +248,13 @@ def test_deepspeeds_checkpoint_writer_is_refused_naming_what_to_use(writer, mode
     """Its decoupled mode finishes a save after COMPLETE would be written; its fast writer renames ZeRO files."""
     writer = writer or {"io_multiplier": 1}  # the type left to DeepSpeed's default, fast
     template = {**load_ds_template(DS_CONFIGS_DIR / "zero1.json"), "checkpoint": {"writer": writer}}
-    message = rf"^DeepSpeed config zero1.json: checkpoint.writer \({mode}\) .*remove it \(checkpoint.async=true"
+    message = rf"^DeepSpeed config zero1.json: checkpoint.writer \({mode}\) .*remove it \(llm-ds writes them"
     with pytest.raises(ConfigError, match=message):
+        resolve_ds_config(template, load_run_config(None), 1, "fp32", total_steps=10, source="zero1.json")
+
+
+def test_a_section_deepspeed_has_removed_is_one_line():
+    """DeepSpeed raises its own DeepSpeedConfigError (a plain Exception) for a leftover nebula block."""
+    template = {**load_ds_template(DS_CONFIGS_DIR / "zero1.json"), "nebula": {"enabled": True}}
+    with pytest.raises(ConfigError, match=r"^DeepSpeed config zero1.json: DeepSpeed refuses it: Nebula checkpointing"):
         resolve_ds_config(template, load_run_config(None), 1, "fp32", total_steps=10, source="zero1.json")
