@@ -128,7 +128,6 @@ class FileEngine:
         self.name = f"llm_ds over {getattr(inner, 'name', type(inner).__name__)}"
         self.queued: list[tuple[Any, str]] = []
         self.error: str | None = None  # the first failed write of this save
-        self.bytes = 0
 
     # ---- the interface DeepSpeed calls ------------------------------------------------------------
 
@@ -187,7 +186,6 @@ class FileEngine:
         try:
             self.inner.save(state_dict, path)
             fsync_file(path)
-            self.bytes += os.path.getsize(path)
         except Exception as exc:  # a full disk is an OSError or a RuntimeError, depending on the writer
             self.fail(exc)  # every rank learns of it through the store, and none hangs
 
@@ -197,7 +195,7 @@ class FileEngine:
             self._write(state_dict, path)
 
     def start(self) -> None:
-        self.queued, self.error, self.bytes = [], None, 0
+        self.queued, self.error = [], None
 
 
 class Writer:
